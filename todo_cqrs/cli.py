@@ -19,8 +19,10 @@ def database_url(settings: Settings) -> str:
     """DATABASE_URL, else the embedded PostgreSQL in the data folder (started if needed)."""
     if settings.database_url:
         return settings.database_url
-    print(f"todo-cqrs: no DATABASE_URL; using the embedded PostgreSQL in {settings.data_dir}",
-          file=sys.stderr)
+    print(
+        f"todo-cqrs: no DATABASE_URL; using the embedded PostgreSQL in {settings.data_dir}",
+        file=sys.stderr,
+    )
     return db.start_embedded(settings.data_dir)
 
 

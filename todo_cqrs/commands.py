@@ -133,9 +133,7 @@ async def _claim_key(conn: Conn, user_id: str, idempotency: Idempotency) -> Answ
         return None
     if bytes(row[0]) != idempotency.fingerprint:
         raise Problem(422, "This Idempotency-Key was used with a different request.")
-    return Answer(
-        status=row[1], body=bytes(row[2]), location=row[3], etag=row[4], replayed=True
-    )
+    return Answer(status=row[1], body=bytes(row[2]), location=row[3], etag=row[4], replayed=True)
 
 
 async def _lock_user(conn: Conn, user_id: str) -> datetime:
@@ -196,3 +194,12 @@ async def _run(
     if isinstance(command, DeleteTask):
         return Answer(204)
     return Answer(200, _encode(new_state), etag=etag)
+
+
+async def prune_idempotency_keys(pool: AsyncConnectionPool) -> int:
+    """Forget idempotent answers older than 24 hours (the contract keeps them that long)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'"
+        )
+        return cur.rowcount

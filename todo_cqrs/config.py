@@ -31,7 +31,7 @@ class Settings:
             jwt_audience=env.get("TODO_JWT_AUDIENCE") or None,
             pool_min=int(env.get("TODO_POOL_MIN", "2")),
             pool_max=int(env.get("TODO_POOL_MAX", "10")),
-            pool_timeout=float(env.get("TODO_POOL_TIMEOUT", "5")),
+            pool_timeout=float(env.get("TODO_POOL_TIMEOUT", "3")),
             log_level=env.get("TODO_LOG_LEVEL", "INFO").upper(),
         )
 

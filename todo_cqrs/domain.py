@@ -163,7 +163,7 @@ class EditTask(msgspec.Struct, forbid_unknown_fields=True):
     title: str | UnsetType = UNSET
     description: str | UnsetType = UNSET
     priority: Priority | UnsetType = UNSET
-    due_date: date | None | UnsetType = UNSET
+    due_date: date | UnsetType | None = UNSET
     tags: list[str] | UnsetType = UNSET
     completed: bool | UnsetType = UNSET
 

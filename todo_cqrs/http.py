@@ -24,12 +24,13 @@ import psycopg
 from litestar import Litestar, Request, Response, delete, get, patch, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import Parameter
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import Message, Receive, Scope, Send
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -133,9 +134,17 @@ def _update_pool_gauges(pool: AsyncConnectionPool) -> None:
     POOL_WAITING.set(stats.get("requests_waiting", 0))
 
 
-async def _watch_pool(pool: AsyncConnectionPool) -> None:
+async def _housekeeping(pool: AsyncConnectionPool) -> None:
+    """Keep the pool gauges fresh; prune old idempotency keys once an hour."""
+    pruned_at = -3600.0
     while True:
         _update_pool_gauges(pool)
+        if time.monotonic() - pruned_at >= 3600:
+            try:
+                await commands.prune_idempotency_keys(pool)
+                pruned_at = time.monotonic()
+            except (psycopg.Error, PoolTimeout) as error:
+                log.warning("could not prune idempotency keys: %s", error)
         await asyncio.sleep(2)
 
 
@@ -150,9 +159,10 @@ class ServiceEdge:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
+        method = scope["method"]
         given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode(
             "latin-1"
         )
@@ -176,13 +186,13 @@ class ServiceEdge:
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("path_template") or "unrouted"
-            REQUESTS.labels(scope["method"], route, str(status)).inc()
-            LATENCY.labels(scope["method"], route, str(status)).observe(elapsed)
+            REQUESTS.labels(method, route, str(status)).inc()
+            LATENCY.labels(method, route, str(status)).observe(elapsed)
             log.info(
                 "request",
                 extra={
                     "fields": {
-                        "method": scope["method"],
+                        "method": method,
                         "path": scope["path"],
                         "status": status,
                         "ms": round(elapsed * 1000, 2),
@@ -198,7 +208,9 @@ class ServiceEdge:
 class JWTAuth(AbstractAuthenticationMiddleware):
     """Bearer JWTs: HS256 only, `exp` and `sub` required, 30 s leeway, iss/aud when set."""
 
-    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
         settings: Settings = connection.app.state.settings
         scheme, _, token = connection.headers.get("authorization", "").strip().partition(" ")
         token = token.strip()
@@ -365,9 +377,7 @@ def _answer(answer: Answer) -> Response[Any]:
     if answer.replayed:
         headers["Idempotent-Replayed"] = "true"
     media_type = PROBLEM_JSON if answer.status >= 400 else "application/json"
-    return Response(
-        answer.body, status_code=answer.status, headers=headers, media_type=media_type
-    )
+    return Response(answer.body, status_code=answer.status, headers=headers, media_type=media_type)
 
 
 async def _command(
@@ -465,7 +475,7 @@ async def list_tasks(
 
 
 @get("/tasks/{task_id:str}", responses=_errors(404))
-async def get_task(request: Request[str, Any, Any], task_id: str) -> Response[Task]:
+async def get_task(request: Request[str, Any, Any], task_id: str) -> Response[Any]:
     """The task, with `ETag`; `304` when `If-None-Match` names its version."""
     task = await queries.get_task(request.app.state.pool, request.user, _task_uuid(task_id))
     etag = f'"{task.version}"'
@@ -473,7 +483,7 @@ async def get_task(request: Request[str, Any, Any], task_id: str) -> Response[Ta
     if if_none_match is not None:
         tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
         if "*" in tags or etag in tags:  # weak comparison, as RFC 9110 asks for If-None-Match
-            return Response(None, status_code=304, headers={"ETag": etag})
+            return Response(b"", status_code=304, headers={"ETag": etag})
     return Response(task, headers={"ETag": etag})
 
 
@@ -511,9 +521,13 @@ async def ready(request: Request[Any, Any, Any]) -> Health:
         async with pool.connection(timeout=2) as conn:
             pending = await db.pending_migrations(conn)
     except (psycopg.Error, PoolTimeout) as error:
-        raise Problem(503, f"The database is not reachable: {error}", headers={"Retry-After": "1"}) from None
+        raise Problem(
+            503, f"The database is not reachable: {error}", headers={"Retry-After": "1"}
+        ) from None
     if pending:
-        raise Problem(503, f"Migrations not applied: {', '.join(pending)}", headers={"Retry-After": "5"})
+        raise Problem(
+            503, f"Migrations not applied: {', '.join(pending)}", headers={"Retry-After": "5"}
+        )
     return Health(status="ready")
 
 
@@ -548,7 +562,7 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await pool.open(wait=False)  # a database that is down at start means 503s, not a crash
-        watcher = asyncio.create_task(_watch_pool(pool))
+        watcher = asyncio.create_task(_housekeeping(pool))
         try:
             yield
         finally:

@@ -87,10 +87,12 @@ def _print_progress(events: int, tasks: int) -> None:
 
 
 async def _copy_rows(conn: Conn, rows: list[tuple[Any, ...]]) -> None:
-    async with conn.cursor() as cur:
-        async with cur.copy(f"COPY tasks (user_id, {TASK_COLUMNS}) FROM STDIN") as copy:
-            for row in rows:
-                await copy.write_row(row)
+    async with (
+        conn.cursor() as cur,
+        cur.copy(f"COPY tasks (user_id, {TASK_COLUMNS}) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            await copy.write_row(row)
     rows.clear()
 
 

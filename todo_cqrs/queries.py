@@ -53,8 +53,7 @@ def _decode_cursor(cursor: str, type_: Any) -> Any:
 async def get_task(pool: AsyncConnectionPool, user_id: str, task_id: UUID) -> Task:
     async with pool.connection() as conn:
         cur = await conn.execute(
-            f"SELECT {TASK_COLUMNS} FROM tasks"
-            " WHERE user_id = %s AND task_id = %s AND NOT deleted",
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE user_id = %s AND task_id = %s AND NOT deleted",
             (user_id, task_id),
         )
         row = await cur.fetchone()
