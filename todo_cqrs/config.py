@@ -19,6 +19,7 @@ class Settings:
     pool_max: int
     pool_timeout: float
     log_level: str
+    heartbeat: float = 10.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -33,6 +34,7 @@ class Settings:
             pool_max=int(env.get("TODO_POOL_MAX", "10")),
             pool_timeout=float(env.get("TODO_POOL_TIMEOUT", "3")),
             log_level=env.get("TODO_LOG_LEVEL", "INFO").upper(),
+            heartbeat=float(env.get("TODO_SSE_HEARTBEAT", "10")),
         )
 
     def resolved_jwt_secret(self) -> str:

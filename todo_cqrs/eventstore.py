@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -35,17 +37,47 @@ class StoredEvent(msgspec.Struct):
 
 
 _encode = msgspec.json.Encoder().encode
+log = logging.getLogger("todo_cqrs.eventstore")
+
+CHANNEL = "todo_events"  # NOTIFY payload: the user id whose events just committed
+
+# --- event shapes over time ---------------------------------------------------------------
+#
+# Each stored event carries the schema version of its `data`. When a shape changes, its
+# version goes up here and an upcaster from the old version is added; events are never
+# rewritten, they are upcast when read, so history, time travel and the rebuild all see
+# the current structs.
+
+SCHEMA_VERSIONS: dict[str, int] = {name: 1 for name in EVENT_TYPES} | {"TaskCreated": 2}
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def decode_event(type_name: str, data: str | bytes) -> Event:
-    return msgspec.json.decode(data, type=EVENT_TYPES[type_name])
+def _task_created_v1(data: dict[str, Any]) -> dict[str, Any]:
+    # Version 1 (before the first release) had no due dates and no tags.
+    return {**data, "due_date": None, "tags": []}
+
+
+UPCASTERS: dict[tuple[str, int], Upcaster] = {("TaskCreated", 1): _task_created_v1}
+
+
+def decode_event(type_name: str, data: str | bytes, schema_version: int | None = None) -> Event:
+    """The stored `data` of an event as the current struct, upcast when it is older."""
+    current = SCHEMA_VERSIONS[type_name]
+    if schema_version is None or schema_version == current:
+        return msgspec.json.decode(data, type=EVENT_TYPES[type_name])
+    shape: dict[str, Any] = msgspec.json.decode(data)
+    for version in range(schema_version, current):
+        shape = UPCASTERS[(type_name, version)](shape)
+    return msgspec.convert(shape, EVENT_TYPES[type_name])
 
 
 async def append_events(conn: Conn, user_id: str, events: list[Recorded], meta: EventMeta) -> None:
     async with conn.cursor() as cur:
         await cur.executemany(
-            "INSERT INTO events (user_id, task_id, version, type, data, occurred_at,"
-            " request_id, idempotency_key) VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s)",
+            "INSERT INTO events (user_id, task_id, version, type, data, schema_version,"
+            " occurred_at, request_id, idempotency_key)"
+            " VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
             [
                 (
                     user_id,
@@ -53,6 +85,7 @@ async def append_events(conn: Conn, user_id: str, events: list[Recorded], meta: 
                     r.version,
                     event_type(r.event),
                     _encode(event_data(r.event)).decode(),
+                    SCHEMA_VERSIONS[event_type(r.event)],
                     r.occurred_at,
                     meta.request_id,
                     meta.idempotency_key,
@@ -60,28 +93,75 @@ async def append_events(conn: Conn, user_id: str, events: list[Recorded], meta: 
                 for r in events
             ],
         )
+        # Delivered at commit, to every process that streams this user's events.
+        await cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, user_id))
+
+
+_STORED_COLUMNS = (
+    "position, task_id, version, type, data::text, schema_version, occurred_at,"
+    " request_id, idempotency_key"
+)
+
+
+def _stored_event(row: tuple[Any, ...]) -> StoredEvent:
+    type_name, data, schema_version = row[3], row[4], row[5]
+    if schema_version == SCHEMA_VERSIONS[type_name]:
+        raw = data.encode()
+    else:
+        raw = _encode(event_data(decode_event(type_name, data, schema_version)))
+    return StoredEvent(
+        position=row[0],
+        task_id=row[1],
+        version=row[2],
+        type=type_name,
+        data=msgspec.Raw(raw),
+        occurred_at=row[6],
+        meta=EventMeta(request_id=row[7], idempotency_key=row[8]),
+    )
 
 
 async def task_history(
     conn: Conn, user_id: str, task_id: UUID, after_version: int, limit: int
 ) -> list[StoredEvent]:
     cur = await conn.execute(
-        "SELECT position, task_id, version, type, data::text, occurred_at, request_id,"
-        " idempotency_key FROM events WHERE user_id = %s AND task_id = %s AND version > %s"
-        " ORDER BY version LIMIT %s",
+        f"SELECT {_STORED_COLUMNS} FROM events WHERE user_id = %s AND task_id = %s"
+        " AND version > %s ORDER BY version LIMIT %s",
         (user_id, task_id, after_version, limit),
     )
+    return [_stored_event(row) for row in await cur.fetchall()]
+
+
+async def user_events(conn: Conn, user_id: str, after: int, limit: int) -> list[StoredEvent]:
+    """The user's events after a position, in position order, which is their commit order
+    (see commands.py: a user's events are appended under the user's lock)."""
+    cur = await conn.execute(
+        f"SELECT {_STORED_COLUMNS} FROM events WHERE user_id = %s AND position > %s"
+        " ORDER BY position LIMIT %s",
+        (user_id, after, limit),
+    )
+    return [_stored_event(row) for row in await cur.fetchall()]
+
+
+async def task_events(
+    conn: Conn,
+    user_id: str,
+    task_id: UUID,
+    *,
+    up_to_version: int | None = None,
+    up_to_time: datetime | None = None,
+) -> list[Recorded]:
+    """The task's events in version order, up to a version or a moment (inclusive)."""
+    cur = await conn.execute(
+        "SELECT version, type, data::text, schema_version, occurred_at FROM events"
+        " WHERE user_id = %s AND task_id = %s"
+        " AND (%s::integer IS NULL OR version <= %s::integer)"
+        " AND (%s::timestamptz IS NULL OR occurred_at <= %s::timestamptz)"
+        " ORDER BY version",
+        (user_id, task_id, up_to_version, up_to_version, up_to_time, up_to_time),
+    )
     return [
-        StoredEvent(
-            position=row[0],
-            task_id=row[1],
-            version=row[2],
-            type=row[3],
-            data=msgspec.Raw(row[4].encode()),
-            occurred_at=row[5],
-            meta=EventMeta(request_id=row[6], idempotency_key=row[7]),
-        )
-        for row in await cur.fetchall()
+        Recorded(task_id, version, occurred_at, decode_event(type_name, data, schema_version))
+        for version, type_name, data, schema_version, occurred_at in await cur.fetchall()
     ]
 
 
@@ -100,8 +180,55 @@ async def all_streams(conn: Conn) -> AsyncIterator[tuple[str, Recorded]]:
     async with conn.cursor(name="all_events") as cur:
         cur.itersize = 5000
         await cur.execute(
-            "SELECT user_id, task_id, version, type, data::text, occurred_at FROM events"
-            " ORDER BY user_id, task_id, version"
+            "SELECT user_id, task_id, version, type, data::text, schema_version, occurred_at"
+            " FROM events ORDER BY user_id, task_id, version"
         )
-        async for user_id, task_id, version, type_name, data, occurred_at in cur:
-            yield user_id, Recorded(task_id, version, occurred_at, decode_event(type_name, data))
+        async for user_id, task_id, version, type_name, data, schema_version, at in cur:
+            event = decode_event(type_name, data, schema_version)
+            yield user_id, Recorded(task_id, version, at, event)
+
+
+class NewEventSignal:
+    """One LISTEN connection per process that wakes the streams waiting on a user's events.
+
+    A stream subscribes, reads what is new, clears its flag and waits; a notification
+    sets the flag. After the connection is lost and found again every stream is woken,
+    since notifications sent in between are gone; streams re-read on each heartbeat too.
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+        self.waiting: dict[str, set[asyncio.Event]] = {}
+
+    def subscribe(self, user_id: str) -> asyncio.Event:
+        flag = asyncio.Event()
+        self.waiting.setdefault(user_id, set()).add(flag)
+        return flag
+
+    def unsubscribe(self, user_id: str, flag: asyncio.Event) -> None:
+        flags = self.waiting.get(user_id)
+        if flags is not None:
+            flags.discard(flag)
+            if not flags:
+                del self.waiting[user_id]
+
+    def _wake_all(self) -> None:
+        for flags in self.waiting.values():
+            for flag in flags:
+                flag.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self._wake_all()
+                    async for note in conn.notifies():
+                        for flag in self.waiting.get(note.payload, ()):
+                            flag.set()
+            except psycopg.Error as error:
+                log.warning("event listener lost its connection: %s", error)
+            self._wake_all()
+            await asyncio.sleep(1)

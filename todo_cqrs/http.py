@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import date
+from datetime import date, datetime
 from typing import Annotated, Any
 
 import jwt
@@ -30,6 +30,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.types import Message, Receive, Scope, Send
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -58,13 +59,15 @@ from todo_cqrs.domain import (
     Task,
     validate,
 )
+from todo_cqrs.eventstore import NewEventSignal
 from todo_cqrs.problems import PROBLEM_JSON, Problem, ProblemBody, not_found
-from todo_cqrs.queries import EventPage, TaskFilters, TaskPage
+from todo_cqrs.queries import EventPage, FeedPage, TaskFilters, TaskPage
 
 log = logging.getLogger("todo_cqrs")
 
 MAX_BODY = 64 * 1024
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_encode = msgspec.json.Encoder().encode
 _REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _IDEMPOTENCY_KEY_FORM = re.compile(r"[\x20-\x7e]{1,255}")
 
@@ -474,16 +477,32 @@ async def list_tasks(
     return await queries.list_tasks(request.app.state.pool, request.user, filters, limit, cursor)
 
 
-@get("/tasks/{task_id:str}", responses=_errors(404))
-async def get_task(request: Request[str, Any, Any], task_id: str) -> Response[Any]:
-    """The task, with `ETag`; `304` when `If-None-Match` names its version."""
-    task = await queries.get_task(request.app.state.pool, request.user, _task_uuid(task_id))
+@get("/tasks/{task_id:str}", responses=_errors(400, 404))
+async def get_task(
+    request: Request[str, Any, Any],
+    task_id: str,
+    version: Annotated[int | None, Parameter(ge=1)] = None,
+    as_of: datetime | None = None,
+) -> Response[Task]:
+    """The task, with `ETag`; `304` when `If-None-Match` names its version.
+
+    Time travel: `version=N` or `as_of=<RFC 3339>` folds its events up to that point.
+    """
+    pool, user, uid = request.app.state.pool, request.user, _task_uuid(task_id)
+    if version is not None and as_of is not None:
+        raise Problem(400, "Give version or as_of, not both.")
+    if as_of is not None and as_of.tzinfo is None:
+        raise Problem(400, "as_of needs a UTC offset (RFC 3339).")
+    if version is None and as_of is None:
+        task = await queries.get_task(pool, user, uid)
+    else:
+        task = await queries.task_at(pool, user, uid, version=version, as_of=as_of)
     etag = f'"{task.version}"'
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None:
         tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
         if "*" in tags or etag in tags:  # weak comparison, as RFC 9110 asks for If-None-Match
-            return Response(b"", status_code=304, headers={"ETag": etag})
+            return Response(None, status_code=304, headers={"ETag": etag})  # type: ignore[arg-type]
     return Response(task, headers={"ETag": etag})
 
 
@@ -498,6 +517,66 @@ async def task_history(
     return await queries.task_history(
         request.app.state.pool, request.user, _task_uuid(task_id), limit, cursor
     )
+
+
+@get("/events", responses=_errors(400))
+async def list_events(
+    request: Request[str, Any, Any],
+    after: Annotated[int, Parameter(ge=0)] = 0,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+) -> FeedPage:
+    """The user's events across all tasks in commit order; poll with `after=next_position`."""
+    return await queries.user_events(request.app.state.pool, request.user, after, limit)
+
+
+@get("/events/stream", responses=_errors(400))
+async def stream_events(
+    request: Request[str, Any, Any],
+    after: Annotated[int | None, Parameter(ge=0)] = None,
+    last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
+) -> ServerSentEvent:
+    """Server-Sent Events of the user's events as they commit (`id:` is the position).
+
+    Starts after `Last-Event-ID` (a reconnecting EventSource sends it), else after `after`,
+    else at the newest event; a comment line at least every heartbeat keeps proxies open.
+    """
+    pool: AsyncConnectionPool = request.app.state.pool
+    signal: NewEventSignal = request.app.state.signal
+    settings: Settings = request.app.state.settings
+    user: str = request.user
+    if last_event_id is not None:
+        if not last_event_id.isdigit() or len(last_event_id) > 18:
+            raise Problem(400, "Last-Event-ID must be an event position.")
+        after = int(last_event_id)
+    if after is None:
+        after = await queries.last_position(pool, user)
+    position = after
+
+    async def messages() -> AsyncIterator[ServerSentEventMessage]:
+        nonlocal position
+        flag = signal.subscribe(user)
+        try:
+            while True:
+                flag.clear()
+                try:
+                    page = await queries.user_events(pool, user, position, 500)
+                except (psycopg.Error, PoolTimeout):
+                    page = queries.FeedPage(items=[], next_position=position)
+                for event in page.items:
+                    yield ServerSentEventMessage(
+                        data=_encode(event).decode(), id=str(event.position)
+                    )
+                position = page.next_position
+                if len(page.items) == 500:
+                    continue
+                try:
+                    await asyncio.wait_for(flag.wait(), settings.heartbeat)
+                except TimeoutError:
+                    yield ServerSentEventMessage(data=None, comment="heartbeat")
+        finally:
+            signal.unsubscribe(user, flag)
+
+    return ServerSentEvent(messages())
 
 
 # --- operations -----------------------------------------------------------------------------
@@ -559,14 +638,20 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
         timeout=settings.pool_timeout,
     )
 
+    signal = NewEventSignal(settings.database_url)
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await pool.open(wait=False)  # a database that is down at start means 503s, not a crash
-        watcher = asyncio.create_task(_housekeeping(pool))
+        helpers = [
+            asyncio.create_task(_housekeeping(pool)),
+            asyncio.create_task(signal.run()),
+        ]
         try:
             yield
         finally:
-            watcher.cancel()
+            for helper in helpers:
+                helper.cancel()
             await pool.close()
 
     app = Litestar(
@@ -580,6 +665,8 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
             list_tasks,
             get_task,
             task_history,
+            list_events,
+            stream_events,
             health,
             ready,
             metrics,
@@ -597,7 +684,12 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
         request_max_body_size=MAX_BODY,
         openapi_config=OpenAPIConfig(title="todo-cqrs", version=__version__, path="/schema"),
         state=State(
-            {"settings": settings, "pool": pool, "jwt_secret": settings.resolved_jwt_secret()}
+            {
+                "settings": settings,
+                "pool": pool,
+                "signal": signal,
+                "jwt_secret": settings.resolved_jwt_secret(),
+            }
         ),
         logging_config=None,
     )

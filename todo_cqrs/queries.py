@@ -12,7 +12,7 @@ import msgspec
 from psycopg_pool import AsyncConnectionPool
 
 from todo_cqrs import eventstore
-from todo_cqrs.domain import Task
+from todo_cqrs.domain import Task, fold
 from todo_cqrs.eventstore import StoredEvent
 from todo_cqrs.problems import Problem, not_found
 from todo_cqrs.projection import TASK_COLUMNS, task_from_row
@@ -119,3 +119,47 @@ async def task_history(
             raise not_found()
     next_cursor = _encode_cursor([items[limit - 1].version]) if len(items) > limit else None
     return EventPage(items=items[:limit], next_cursor=next_cursor)
+
+
+class FeedPage(msgspec.Struct):
+    items: list[StoredEvent]
+    next_position: int
+
+
+async def task_at(
+    pool: AsyncConnectionPool,
+    user_id: str,
+    task_id: UUID,
+    *,
+    version: int | None = None,
+    as_of: datetime | None = None,
+) -> Task:
+    """Time travel: the task folded from its events up to a version or a moment.
+
+    404 when it did not exist then, was deleted then, or the version is past the current one.
+    """
+    async with pool.connection() as conn:
+        events = await eventstore.task_events(
+            conn, user_id, task_id, up_to_version=version, up_to_time=as_of
+        )
+    task = fold(events)
+    if task is None or task.deleted or (version is not None and task.version != version):
+        raise not_found()
+    return task
+
+
+async def user_events(pool: AsyncConnectionPool, user_id: str, after: int, limit: int) -> FeedPage:
+    """The feed: the user's events after a position, in commit order, none ever skipped."""
+    async with pool.connection() as conn:
+        items = await eventstore.user_events(conn, user_id, after, limit)
+    return FeedPage(items=items, next_position=items[-1].position if items else after)
+
+
+async def last_position(pool: AsyncConnectionPool, user_id: str) -> int:
+    """The position of the user's newest event (0 for none): where a new stream starts."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT coalesce(max(position), 0) FROM events WHERE user_id = %s", (user_id,)
+        )
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
