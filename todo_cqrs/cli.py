@@ -67,18 +67,108 @@ def token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+class Progress:
+    """Events folded so far: a bar with rate and time left on a terminal, a line every few
+    seconds otherwise, nothing with --quiet."""
+
+    def __init__(self, label: str, total: int | None, quiet: bool) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self.started = self.last_line = time.monotonic()
+        self.lines = not quiet and not sys.stderr.isatty()
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit=" events", unit_scale=True)
+
+    def __call__(self, events: int) -> None:
+        self.done += events
+        if self.bar is not None:
+            self.bar.update(events)
+        elif self.lines and time.monotonic() - self.last_line >= 5:
+            self.last_line = time.monotonic()
+            rate = self.done / (self.last_line - self.started)
+            left = ""
+            if self.total and rate > 0:
+                left = f", about {max(self.total - self.done, 0) / rate:.0f} s left"
+            of = f" of ~{self.total:,}" if self.total else ""
+            print(
+                f"{self.label}: {self.done:,}{of} events, {rate:,.0f} events/s{left}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> float:
+        if self.bar is not None:
+            self.bar.close()
+        return time.monotonic() - self.started
+
+
+async def _event_count(url: str, user: str | None) -> int | None:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        if user is not None:
+            cur = await conn.execute("SELECT count(*) FROM events WHERE user_id = %s", (user,))
+        else:  # the planner's estimate: counting millions of rows just for a bar is waste
+            cur = await conn.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'events'::regclass"
+            )
+        row = await cur.fetchone()
+    return int(row[0]) if row and row[0] > 0 else None
+
+
 def rebuild(args: argparse.Namespace, settings: Settings) -> int:
     url = database_url(settings)
+    label = "check" if args.check else "rebuild"
+    progress = Progress(label, asyncio.run(_event_count(url, args.user)), args.quiet)
+    try:
+        if args.check:
+            drifts = asyncio.run(projection.check(url, progress))
+        elif args.user is not None:
+            summary = asyncio.run(projection.rebuild_user(url, args.user, progress))
+        else:
+            summary = asyncio.run(projection.rebuild_all(url, progress))
+    except projection.RebuildBusy as busy:
+        progress.close()
+        print(f"todo-cqrs {label}: {busy}", file=sys.stderr)
+        return 3
+    seconds = progress.close()
+    rate = progress.done / seconds if seconds > 0 else 0.0
+    if args.check:
+        for drift in drifts:
+            print(
+                f"drift: user {drift.user_id!r} task {drift.task_id}: "
+                + "; ".join(drift.differences)
+            )
+        verdict = f"{len(drifts)} drifted task(s)" if drifts else "no drift"
+        print(
+            f"checked {progress.done:,} events in {seconds:.1f} s ({rate:,.0f} events/s): {verdict}"
+        )
+        return 1 if drifts else 0
+    print(
+        f"rebuilt {summary.tasks:,} tasks from {summary.events:,} events in {seconds:.1f} s"
+        f" ({rate:,.0f} events/s; {summary.caught_up:,} caught up while it ran)"
+    )
+    return 0
 
-    async def run() -> tuple[int, int]:
-        async with await psycopg.AsyncConnection.connect(url) as conn:
-            return await projection.rebuild(conn)
 
-    started = time.monotonic()
-    events, tasks = asyncio.run(run())
-    seconds = time.monotonic() - started
-    rate = events / seconds if seconds > 0 else 0.0
-    print(f"rebuilt {tasks} tasks from {events} events in {seconds:.1f} s ({rate:,.0f} events/s)")
+def generate(args: argparse.Namespace, settings: Settings) -> int:
+    from todo_cqrs import dataset
+
+    url = database_url(settings)
+    progress = Progress("generate", args.events, args.quiet)
+    last = 0
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        progress(done - last)
+        last = done
+
+    dataset.generate(url, users=args.users, tasks=args.tasks, events=args.events, progress=report)
+    seconds = progress.close()
+    print(
+        f"generated {last:,} events of {args.tasks:,} tasks of {args.users:,} users"
+        f" in {seconds:.1f} s; run `todo-cqrs rebuild` to project them"
+    )
     return 0
 
 
@@ -100,8 +190,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     p.set_defaults(run=token)
 
-    p = commands.add_parser("rebuild", help="rebuild the read projection from the events")
+    p = commands.add_parser(
+        "rebuild",
+        help="rebuild the read projection from the events (online; safe while serve runs)",
+    )
+    p.add_argument("--user", help="rebuild only this user's tasks, in one transaction")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the projection with a replay; write nothing; exit 1 on drift",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=rebuild)
+
+    p = commands.add_parser(
+        "generate", help="append a synthetic benchmark data set (events only) to the database"
+    )
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--tasks", type=int, default=1_000_000)
+    p.add_argument("--events", type=int, default=5_000_000)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=generate)
 
     args = parser.parse_args(argv)
     result: int = args.run(args, Settings.from_env())

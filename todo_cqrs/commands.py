@@ -16,7 +16,6 @@ The order inside the transaction is what makes the guarantees hold:
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -30,6 +29,7 @@ from todo_cqrs.domain import (
     CreateTask,
     DeleteTask,
     Recorded,
+    RestoreTask,
     TaskNotDeleted,
     TaskNotFound,
     decide,
@@ -74,7 +74,7 @@ async def execute(
     pool: AsyncConnectionPool,
     user_id: str,
     task_id: UUID,
-    command: Command,
+    command: Command | Problem,
     *,
     if_match: frozenset[str] | None = None,
     idempotency: Idempotency | None = None,
@@ -83,6 +83,8 @@ async def execute(
     """Run one (validated) command in one transaction and return its answer.
 
     `if_match` holds the strong entity tags of an If-Match header (None when absent or `*`).
+    A Problem in place of the command is a request refused before it became one (a bad
+    body, say): with an Idempotency-Key its answer is stored like any other.
     """
     meta = eventstore.EventMeta(
         request_id=request_id, idempotency_key=idempotency.key if idempotency else None
@@ -136,35 +138,22 @@ async def _claim_key(conn: Conn, user_id: str, idempotency: Idempotency) -> Answ
     return Answer(status=row[1], body=bytes(row[2]), location=row[3], etag=row[4], replayed=True)
 
 
-async def _lock_user(conn: Conn, user_id: str) -> datetime:
-    """Serialise the user's commands until commit; return the clock after the lock is held.
-
-    The time is read after the wait, so a task's events never go back in time.
-    """
-    cur = await conn.execute(
-        "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)))"
-        " SELECT clock_timestamp() FROM locked",
-        (user_id,),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    now: datetime = row[0]
-    return now
-
-
 async def _run(
     conn: Conn,
     user_id: str,
     task_id: UUID,
-    command: Command,
+    command: Command | Problem,
     if_match: frozenset[str] | None,
     meta: eventstore.EventMeta,
 ) -> Answer:
-    now = await _lock_user(conn, user_id)
+    if isinstance(command, Problem):
+        raise command  # a request refused before it became a command; stored all the same
+    now = await eventstore.lock_user(conn, user_id)
     creating = isinstance(command, CreateTask)
     state = None if creating else await projection.load_task(conn, user_id, task_id)
     if not creating:
-        if state is None:
+        # A deleted task is gone for every command but restore, whatever If-Match says.
+        if state is None or (state.deleted and not isinstance(command, RestoreTask)):
             raise not_found()
         if if_match is not None and str(state.version) not in if_match:
             raise Problem(
@@ -186,8 +175,10 @@ async def _run(
     new_state = fold(recorded, state)
     assert new_state is not None
     if recorded:
-        await eventstore.append_events(conn, user_id, recorded, meta)
+        # The row first: a command that has drawn event positions then always holds a lock
+        # on `tasks`, which is what lets the rebuild find a clean point to start from.
         await projection.save_task(conn, user_id, new_state)
+        await eventstore.append_events(conn, user_id, recorded, meta)
     etag = f'"{new_state.version}"'
     if creating:
         return Answer(201, _encode(new_state), location=f"/tasks/{task_id}", etag=etag)

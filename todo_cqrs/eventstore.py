@@ -61,15 +61,18 @@ def _task_created_v1(data: dict[str, Any]) -> dict[str, Any]:
 UPCASTERS: dict[tuple[str, int], Upcaster] = {("TaskCreated", 1): _task_created_v1}
 
 
+def upcast(type_name: str, data: dict[str, Any], schema_version: int) -> Event:
+    """An event's stored `data` of any schema version as the current struct."""
+    for version in range(schema_version, SCHEMA_VERSIONS[type_name]):
+        data = UPCASTERS[(type_name, version)](data)
+    return msgspec.convert(data, EVENT_TYPES[type_name])
+
+
 def decode_event(type_name: str, data: str | bytes, schema_version: int | None = None) -> Event:
     """The stored `data` of an event as the current struct, upcast when it is older."""
-    current = SCHEMA_VERSIONS[type_name]
-    if schema_version is None or schema_version == current:
+    if schema_version is None or schema_version == SCHEMA_VERSIONS[type_name]:
         return msgspec.json.decode(data, type=EVENT_TYPES[type_name])
-    shape: dict[str, Any] = msgspec.json.decode(data)
-    for version in range(schema_version, current):
-        shape = UPCASTERS[(type_name, version)](shape)
-    return msgspec.convert(shape, EVENT_TYPES[type_name])
+    return upcast(type_name, msgspec.json.decode(data), schema_version)
 
 
 async def append_events(conn: Conn, user_id: str, events: list[Recorded], meta: EventMeta) -> None:
@@ -174,18 +177,69 @@ async def task_exists(conn: Conn, user_id: str, task_id: UUID) -> bool:
     return await cur.fetchone() is not None
 
 
-async def all_streams(conn: Conn) -> AsyncIterator[tuple[str, Recorded]]:
-    """Every event, grouped by user and task in version order, through a server-side cursor
-    so that memory stays flat whatever the table's size."""
-    async with conn.cursor(name="all_events") as cur:
-        cur.itersize = 5000
-        await cur.execute(
-            "SELECT user_id, task_id, version, type, data::text, schema_version, occurred_at"
-            " FROM events ORDER BY user_id, task_id, version"
-        )
-        async for user_id, task_id, version, type_name, data, schema_version, at in cur:
-            event = decode_event(type_name, data, schema_version)
-            yield user_id, Recorded(task_id, version, at, event)
+async def lock_user(conn: Conn, user_id: str) -> datetime:
+    """Serialise the user's appends until this transaction ends; return the clock after.
+
+    Every command of a user holds this lock from before its events draw their positions
+    until it commits, so a user's positions become visible in increasing order: a reader of
+    `position > P` never steps over an event that commits later. The time is read after
+    the wait, so a task's events never go back in time.
+    """
+    cur = await conn.execute(
+        "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)))"
+        " SELECT clock_timestamp() FROM locked",
+        (user_id,),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    now: datetime = row[0]
+    return now
+
+
+def _all_current_sql() -> str:
+    """SQL that is true when an event's stored shape is the current one for its type."""
+    cases = " ".join(f"WHEN '{name}' THEN {version}" for name, version in SCHEMA_VERSIONS.items())
+    return f"schema_version = CASE type {cases} END"
+
+
+_CURRENT_STREAM = msgspec.json.Decoder(list[Recorded])
+_OLD_STREAM = msgspec.json.Decoder(list[tuple[UUID, int, datetime, dict[str, Any], int]])
+
+
+async def copy_task_streams(
+    conn: Conn, *, user_id: str | None = None, c_order: bool = False
+) -> AsyncIterator[tuple[str, list[Recorded]]]:
+    """Every task's events, task by task (ordered by user and task), for the rebuild.
+
+    The server aggregates each task's events into one JSON array, tag included, and streams
+    them with COPY; msgspec then decodes a whole stream into `Recorded`s in one call. That
+    keeps Python's work per event small and lets the server work on the other core. A
+    stream holding an old shape goes through the upcasters. `c_order` sorts users in byte
+    order, as Python compares strings, for merging with another stream.
+    """
+    condition, params = ("WHERE user_id = %s", [user_id]) if user_id is not None else ("", [])
+    collate = ' COLLATE "C"' if c_order else ""
+    query = (
+        "COPY (SELECT user_id, json_agg(json_build_array(task_id, version, occurred_at,"
+        " data || jsonb_build_object('type', type), schema_version) ORDER BY version),"
+        f" bool_and({_all_current_sql()}) FROM events {condition}"
+        f" GROUP BY user_id, task_id ORDER BY user_id{collate}, task_id) TO STDOUT"
+    )
+    async with conn.cursor() as cur, cur.copy(query, params) as copy:
+        copy.set_types(["text", "text", "bool"])
+        async for user, stream, current in copy.rows():
+            if current:
+                yield user, _CURRENT_STREAM.decode(stream)
+            else:
+                yield (
+                    user,
+                    [
+                        Recorded(
+                            task_id, version, at, upcast(data.pop("type"), data, schema_version)
+                        )
+                        for task_id, version, at, data, schema_version in _OLD_STREAM.decode(stream)
+                    ],
+                )
 
 
 class NewEventSignal:

@@ -57,7 +57,7 @@ from todo_cqrs.domain import (
     ReopenTask,
     RestoreTask,
     Task,
-    validate,
+    parse_command,
 )
 from todo_cqrs.eventstore import NewEventSignal
 from todo_cqrs.problems import PROBLEM_JSON, Problem, ProblemBody, not_found
@@ -268,10 +268,6 @@ def _on_problem(_: Request[Any, Any, Any], exc: Problem) -> Response[ProblemBody
     return problem_response(exc)
 
 
-def _on_invalid(_: Request[Any, Any, Any], exc: InvalidCommand) -> Response[ProblemBody]:
-    return problem_response(Problem(400, "The request has invalid fields.", errors=exc.errors))
-
-
 _MSGSPEC_PATH = re.compile(r"`\$\.([A-Za-z_]+)")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 
@@ -357,18 +353,29 @@ async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
     )
 
 
-async def _require_json(request: Request[Any, Any, Any]) -> None:
-    """Runs before the body is decoded into the command: the checks msgspec does not make."""
+async def _parse_body(request: Request[str, Any, Any]) -> Response[Any] | None:
+    """Before create and patch: decode and check the body here rather than in Litestar, so
+    that every offending field is listed, and a refused request under an Idempotency-Key is
+    answered (and replayed) like any other. The command waits in `request.state.command`."""
+    kind = CreateTask if request.method == "POST" else EditTask
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise Problem(415, "The body must be JSON (Content-Type: application/json).")
-    body = await request.body()
-    if not body.strip():
-        raise Problem(400, "The body must be a JSON object.")
     try:
-        body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Problem(400, "The body is not valid UTF-8.") from None
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise Problem(415, "The body must be JSON (Content-Type: application/json).")
+        try:
+            body = msgspec.json.decode(await request.body())
+        except (msgspec.DecodeError, UnicodeDecodeError) as error:
+            raise Problem(400, f"The body is not valid JSON: {error}") from None
+        try:
+            request.state.command = parse_command(kind, body)
+        except InvalidCommand as invalid:
+            raise Problem(400, "The request has invalid fields.", errors=invalid.errors) from None
+    except Problem as problem:
+        if "idempotency-key" not in request.headers:
+            raise
+        task_id = request.path_params.get("task_id")
+        return await _command(request, _task_uuid(task_id) if task_id else uuid.uuid4(), problem)
+    return None
 
 
 def _answer(answer: Answer) -> Response[Any]:
@@ -384,15 +391,20 @@ def _answer(answer: Answer) -> Response[Any]:
 
 
 async def _command(
-    request: Request[str, Any, Any], task_id: uuid.UUID, command: Command
+    request: Request[str, Any, Any], task_id: uuid.UUID, command: Command | Problem
 ) -> Response[Any]:
-    if_match = _if_match(request)
     idempotency = await _idempotency(request)
+    try:
+        if_match = _if_match(request)
+    except Problem as problem:
+        if_match, command = None, problem
+    if isinstance(command, Problem) and idempotency is None:
+        raise command
     answer = await commands.execute(
         request.app.state.pool,
         request.user,
         task_id,
-        validate(command),
+        command,
         if_match=if_match,
         idempotency=idempotency,
         request_id=REQUEST_ID.get(),
@@ -422,22 +434,25 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
     return {code: _ERRORS[code] for code in (401, 503, *codes)}
 
 
-@post("/tasks", before_request=_require_json, responses=_errors(400, 409, 413, 415, 422))
+# `data` documents the body in the OpenAPI schema; `_parse_body` has parsed it already.
+
+
+@post("/tasks", before_request=_parse_body, responses=_errors(400, 409, 413, 415, 422))
 async def create_task(request: Request[str, Any, Any], data: CreateTask) -> Response[Task]:
     """Create a task (`TaskCreated`)."""
-    return await _command(request, uuid.uuid4(), data)
+    return await _command(request, uuid.uuid4(), request.state.command)
 
 
 @patch(
     "/tasks/{task_id:str}",
-    before_request=_require_json,
+    before_request=_parse_body,
     responses=_errors(400, 404, 409, 412, 413, 415, 422),
 )
 async def edit_task(
     request: Request[str, Any, Any], task_id: str, data: EditTask
 ) -> Response[Task]:
     """Change any of title, description, priority, due_date, tags, completed."""
-    return await _command(request, _task_uuid(task_id), data)
+    return await _command(request, _task_uuid(task_id), request.state.command)
 
 
 @post("/tasks/{task_id:str}/complete", status_code=200, responses=_errors(400, 404, 409, 412, 422))
@@ -674,7 +689,6 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
         middleware=[DefineMiddleware(JWTAuth, exclude=["^/schema"])],
         exception_handlers={
             Problem: _on_problem,
-            InvalidCommand: _on_invalid,
             HTTPException: _on_http_exception,
             psycopg.OperationalError: _on_database_down,
             PoolTimeout: _on_database_down,
