@@ -114,31 +114,21 @@ class Drift(msgspec.Struct):
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_text(value: str) -> str:
-    return value.translate(_COPY_ESCAPES)
+_NULL = "\\N"
 
 
 def _copy_line(user_id: str, task: Task) -> str:
+    escapes = _COPY_ESCAPES
     tags = ",".join('"' + tag.replace("\\", "\\\\").replace('"', '\\"') + '"' for tag in task.tags)
+    completed_at = task.completed_at
     return (
-        "\t".join(
-            (
-                _copy_text(user_id),
-                str(task.id),
-                _copy_text(task.title),
-                _copy_text(task.description),
-                "t" if task.completed else "f",
-                task.priority,
-                task.due_date.isoformat() if task.due_date else "\\N",
-                _copy_text("{" + tags + "}"),
-                str(task.version),
-                task.created_at.isoformat(),
-                task.updated_at.isoformat(),
-                task.completed_at.isoformat() if task.completed_at else "\\N",
-                "t" if task.deleted else "f",
-            )
-        )
-        + "\n"
+        f"{user_id.translate(escapes)}\t{task.id}\t{task.title.translate(escapes)}"
+        f"\t{task.description.translate(escapes)}\t{'t' if task.completed else 'f'}"
+        f"\t{task.priority}\t{task.due_date.isoformat() if task.due_date else _NULL}"
+        f"\t{{{tags.translate(escapes)}}}\t{task.version}\t{task.created_at.isoformat()}"
+        f"\t{task.updated_at.isoformat()}"
+        f"\t{completed_at.isoformat() if completed_at else _NULL}"
+        f"\t{'t' if task.deleted else 'f'}\n"
     )
 
 
