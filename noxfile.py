@@ -26,3 +26,11 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("mypy", "todo_cqrs")
+
+
+@nox.session
+def bench_rebuild(session: nox.Session) -> None:
+    """Rebuild rate and memory on 10,000 users, 1,000,000 tasks, 5,000,000 events; writes
+    BENCHMARKS.md. Smaller: `nox -s bench_rebuild -- --tasks 100000 --events 500000`."""
+    session.install("-e", ".")
+    session.run("python", "-m", "todo_cqrs.bench", "rebuild", *session.posargs)

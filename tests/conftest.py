@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 from litestar.testing import TestClient
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from todo_cqrs import db
 from todo_cqrs.config import Settings
@@ -34,7 +34,10 @@ def server_url() -> Iterator[str]:
         yield url
         return
     with tempfile.TemporaryDirectory(prefix="todo-cqrs-test-") as folder:
-        yield db.start_embedded(Path(folder))
+        try:
+            yield db.start_embedded(Path(folder))
+        finally:
+            db.stop_embedded(Path(folder))
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +46,7 @@ def database_url(server_url: str) -> Iterator[str]:
     name = f"todo_cqrs_test_{secrets.token_hex(4)}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(server_url)
-    params["dbname"] = name
-    url = make_conninfo(**params)
+    url = make_conninfo(server_url, dbname=name)
     db.migrate(url)
     yield url
     with psycopg.connect(server_url, autocommit=True) as conn:

