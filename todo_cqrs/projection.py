@@ -360,7 +360,7 @@ def _differences(row: Task | None, folded: Task | None) -> list[str]:
         return ["a projection row without events"]
     wanted, found = msgspec.structs.asdict(folded), msgspec.structs.asdict(row)
     return [
-        f"{field}: {found[field]!r} != {wanted[field]!r} (events)"
+        f"{field}: {found[field]!r} in the row, {wanted[field]!r} from the events"
         for field in wanted
         if wanted[field] != found[field]
     ]
