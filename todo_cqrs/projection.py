@@ -315,14 +315,13 @@ async def rebuild_user(
         folded_events += events
         on_events(events)
 
-    async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
         await _take_rebuild_lock(conn)
         try:
             async with conn.transaction():
                 await lock_user(conn, user_id)
-                tasks = [
-                    task async for task in _folded(copy_task_streams(conn, user_id=user_id), count)
-                ]
+                folded = _folded(copy_task_streams(conn, user_id=user_id), count)
+                tasks = [task async for task in folded]  # one user's: small
                 await conn.execute("DELETE FROM tasks WHERE user_id = %s", (user_id,))
 
                 async def each() -> AsyncIterator[tuple[str, Task]]:
@@ -332,7 +331,6 @@ async def rebuild_user(
                 written = await _copy_tasks(conn, "tasks", each())
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (REBUILD_LOCK,))
-            await conn.commit()
     return RebuildSummary(events=folded_events, tasks=written)
 
 
