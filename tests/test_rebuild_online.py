@@ -152,8 +152,7 @@ def test_a_rebuild_killed_half_way_leaves_the_projection_intact(rebuild_url: str
         with psycopg.connect(rebuild_url, autocommit=True) as conn:
             while time.monotonic() < deadline and process.poll() is None:
                 row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE query LIKE 'COPY tasks_rebuild%%'"
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY tasks_rebuild%%'"
                 ).fetchone()
                 if row and row[0]:
                     break

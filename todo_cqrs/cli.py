@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -36,18 +38,27 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     db.migrate(url)  # once, here, before any worker starts
     os.environ["DATABASE_URL"] = url  # the workers read it (embedded case included)
     settings.resolved_jwt_secret()  # create the development secret before workers race for it
+    metrics_dir = None
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="todo-cqrs-metrics-")
-    uvicorn.run(
-        "todo_cqrs.http:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        access_log=False,  # the app logs each request as JSON, with its request id
-        log_config=None,
-        server_header=False,
-    )
+        metrics_dir = tempfile.mkdtemp(prefix="todo-cqrs-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # uvicorn re-raises SIGTERM after its graceful shutdown; exiting normally instead lets
+    # the exit hooks run, which stop the embedded PostgreSQL that this process started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(
+            "todo_cqrs.http:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            access_log=False,  # the app logs each request as JSON, with its request id
+            log_config=None,
+            server_header=False,
+        )
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

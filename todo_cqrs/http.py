@@ -644,6 +644,7 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 def create_app(settings: Settings | None = None) -> ServiceEdge:
     """The ASGI app. DATABASE_URL must name the database (`serve` sets it for the embedded one)."""
     settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)  # here, so that every worker process logs as JSON
     if settings.database_url is None:
         raise RuntimeError("DATABASE_URL is not set; `todo-cqrs serve` starts a database for you")
     pool = db.create_pool(

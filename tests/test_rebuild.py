@@ -1,0 +1,209 @@
+"""The rebuild puts back a projection that equals the fold of the events (API.md, "Command
+line": `todo-cqrs rebuild`; DESIGN.md, "The one idea").
+
+The test database is shared by the whole run, so every check compares the whole `tasks`
+table with a fold of the whole event table, made here with `domain.evolve`; only the
+corruption is limited to this test's own users.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import re
+import uuid
+from typing import Any
+
+import psycopg
+from helpers import (
+    Key,
+    differences,
+    event_streams,
+    fold_streams,
+    projection_rows,
+    run_cli,
+    service_env,
+)
+
+from todo_cqrs import projection
+
+
+def ok(response: Any, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    return response.json() if response.content else None
+
+
+def workload(api: Any, other_api: Any) -> dict[str, list[uuid.UUID]]:
+    """Commands of three users, deletes and restores included; their task ids by user."""
+    third = type(api)(api.client, f"user-{uuid.uuid4()}")
+    ann = [api.create(title=t, tags=["x"]) for t in ("one", "two", "three")]
+    ok(api.patch(f"/tasks/{ann[0]['id']}", json={"title": "One", "priority": "high"}))
+    ok(api.patch(f"/tasks/{ann[0]['id']}", json={"description": "with a description"}))
+    ok(api.post(f"/tasks/{ann[1]['id']}/complete"))
+    ok(api.post(f"/tasks/{ann[1]['id']}/reopen"))
+    ok(api.post(f"/tasks/{ann[1]['id']}/complete"))
+    ok(api.patch(f"/tasks/{ann[2]['id']}", json={"due_date": "2027-01-31"}))
+    ok(api.delete(f"/tasks/{ann[2]['id']}"), 204)
+
+    bob = [other_api.create(title=t) for t in ("four", "five")]
+    ok(other_api.delete(f"/tasks/{bob[0]['id']}"), 204)
+    ok(other_api.post(f"/tasks/{bob[0]['id']}/restore"))
+    ok(other_api.patch(f"/tasks/{bob[0]['id']}", json={"tags": ["b", "a"], "completed": True}))
+    ok(other_api.patch(f"/tasks/{bob[1]['id']}", json={"due_date": "2027-02-01"}))
+    ok(other_api.patch(f"/tasks/{bob[1]['id']}", json={"due_date": None}))
+
+    cyd = [third.create(title="six", description="deleted for good")]
+    ok(third.delete(f"/tasks/{cyd[0]['id']}"), 204)
+
+    return {
+        user.user: [uuid.UUID(t["id"]) for t in tasks]
+        for user, tasks in ((api, ann), (other_api, bob), (third, cyd))
+    }
+
+
+def corrupt(conn: psycopg.Connection[Any], tasks: dict[str, list[uuid.UUID]]) -> set[Key]:
+    """Damage the projection rows of these users behind the service's back; the keys of
+    the damaged rows (one deleted, one that has no events at all)."""
+    (ann, a), (bob, b), (cyd, c) = tasks.items()
+    edits = [
+        (ann, a[0], "title = 'corrupted', version = version + 7"),
+        (ann, a[1], "completed = NOT completed, completed_at = NULL"),
+        (bob, b[0], "tags = '{zzz}', deleted = true"),
+        (bob, b[1], "due_date = '2000-01-01', updated_at = updated_at - interval '1 day'"),
+        (cyd, c[0], "deleted = false"),  # a deleted task comes back to life
+    ]
+    for user, task_id, change in edits:
+        done = conn.execute(
+            f"UPDATE tasks SET {change} WHERE user_id = %s AND task_id = %s", (user, task_id)
+        )
+        assert done.rowcount == 1
+    gone = conn.execute("DELETE FROM tasks WHERE user_id = %s AND task_id = %s", (ann, a[2]))
+    assert gone.rowcount == 1
+    phantom = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO tasks SELECT user_id, %s, 'no events', description, completed, priority,"
+        " due_date, tags, 1, created_at, updated_at, completed_at, deleted FROM tasks"
+        " WHERE user_id = %s AND task_id = %s",
+        (phantom, bob, b[1]),
+    )
+    return {(ann, a[0]), (ann, a[1]), (bob, b[0]), (bob, b[1]), (cyd, c[0]), (ann, a[2]),
+            (bob, phantom)}  # fmt: skip
+
+
+def mine(found: dict[Key, str], tasks: dict[str, list[uuid.UUID]]) -> set[Key]:
+    return {key for key in found if key[0] in tasks}
+
+
+def assert_projection_is_the_fold(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """The whole table equals the fold of the whole event table; (events, task streams)."""
+    streams = event_streams(conn)
+    assert differences(projection_rows(conn), fold_streams(streams)) == {}
+    rows = conn.execute("SELECT count(*) FROM tasks").fetchone()
+    assert rows is not None and rows[0] == len(streams)
+    # and the rebuild's work table did not outlive it
+    assert conn.execute("SELECT to_regclass('tasks_rebuild')").fetchone() == (None,)
+    return sum(len(s) for s in streams.values()), len(streams)
+
+
+def test_rebuild_in_process_repairs_the_projection(
+    api: Any, other_api: Any, database_url: str
+) -> None:
+    tasks = workload(api, other_api)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        users = list(tasks)
+        before = {k: v for k, v in projection_rows(conn).items() if k[0] in users}
+        streams = {k: v for k, v in event_streams(conn).items() if k[0] in users}
+        assert sorted(before) == sorted((u, t) for u in users for t in tasks[u])
+        assert differences(before, fold_streams(streams)) == {}
+        damaged = corrupt(conn, tasks)
+        assert (
+            mine(differences(projection_rows(conn), fold_streams(event_streams(conn))), tasks)
+            == damaged
+        )
+
+    summary = asyncio.run(projection.rebuild_all(database_url))
+
+    with psycopg.connect(database_url) as conn:
+        events, streams_count = assert_projection_is_the_fold(conn)
+        after = {k: v for k, v in projection_rows(conn).items() if k[0] in tasks}
+    assert (summary.events, summary.tasks, summary.caught_up) == (events, streams_count, 0)
+    assert after == before  # this test's rows are back exactly as the commands left them
+    # and the service answers from the rebuilt table
+    ok(api.get(f"/tasks/{tasks[api.user][0]}"))
+    assert ok(api.get(f"/tasks/{tasks[api.user][2]}"), 404)["status"] == 404
+
+
+REBUILT = re.compile(
+    r"rebuilt ([\d,]+) tasks from ([\d,]+) events in \d+\.\d s"
+    r" \([\d,]+ events/s; ([\d,]+) caught up while it ran\)\n"
+)
+
+
+def test_rebuild_command_repairs_the_projection(
+    api: Any, other_api: Any, database_url: str
+) -> None:
+    tasks = workload(api, other_api)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        before = {k: v for k, v in projection_rows(conn).items() if k[0] in tasks}
+        corrupt(conn, tasks)
+
+    env = service_env(DATABASE_URL=database_url)
+    checked = run_cli("rebuild", "--check", "--quiet", env=env)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    reported = {
+        (ast.literal_eval(user), uuid.UUID(task))
+        for user, task in re.findall(
+            r"^drift: user (.+?) task ([0-9a-f-]{36}): ", checked.stdout, re.M
+        )
+    }
+    with psycopg.connect(database_url) as conn:
+        expected = set(differences(projection_rows(conn), fold_streams(event_streams(conn))))
+    assert reported == expected  # the service's own check agrees with this fold
+
+    rebuilt = run_cli("rebuild", env=env, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    match = REBUILT.fullmatch(rebuilt.stdout)
+    assert match, rebuilt.stdout
+    with psycopg.connect(database_url) as conn:
+        events, streams_count = assert_projection_is_the_fold(conn)
+        after = {k: v for k, v in projection_rows(conn).items() if k[0] in tasks}
+    numbers = tuple(int(n.replace(",", "")) for n in match.groups())
+    assert numbers == (streams_count, events, 0)
+    assert after == before
+
+    clean = run_cli("rebuild", "--check", "--quiet", env=env)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert clean.stdout.endswith("no drift\n"), clean.stdout
+
+
+def test_rebuild_of_one_user_touches_only_that_user(
+    api: Any, other_api: Any, database_url: str
+) -> None:
+    tasks = workload(api, other_api)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        before = {k: v for k, v in projection_rows(conn).items() if k[0] in tasks}
+        damaged = corrupt(conn, tasks)
+        corrupted = projection_rows(conn)
+
+    summary = asyncio.run(projection.rebuild_user(database_url, api.user))
+
+    with psycopg.connect(database_url) as conn:
+        streams = event_streams(conn)
+        rows = projection_rows(conn)
+    ann = {k: v for k, v in streams.items() if k[0] == api.user}
+    assert (summary.events, summary.tasks) == (sum(len(s) for s in ann.values()), len(ann))
+    assert {k: v for k, v in rows.items() if k[0] == api.user} == {
+        k: v for k, v in before.items() if k[0] == api.user
+    }
+    # Everybody else's rows are as they were, damage included.
+    assert {k: v for k, v in rows.items() if k[0] != api.user} == {
+        k: v for k, v in corrupted.items() if k[0] != api.user
+    }
+    assert mine(differences(rows, fold_streams(streams)), tasks) == {
+        key for key in damaged if key[0] != api.user
+    }
+
+    # Leave the shared database whole for whoever comes next.
+    asyncio.run(projection.rebuild_all(database_url))
+    with psycopg.connect(database_url) as conn:
+        assert_projection_is_the_fold(conn)
