@@ -29,7 +29,7 @@ from litestar.exceptions import HTTPException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig, ResponseSpec
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.types import Message, Receive, Scope, Send
 from prometheus_client import (
@@ -438,7 +438,9 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
 
 
 @post("/tasks", before_request=_parse_body, responses=_errors(400, 409, 413, 415, 422))
-async def create_task(request: Request[str, Any, Any], data: CreateTask) -> Response[Task]:
+async def create_task(
+    request: Request[str, Any, Any], data: JSONBody[CreateTask]
+) -> Response[Task]:
     """Create a task (`TaskCreated`)."""
     return await _command(request, uuid.uuid4(), request.state.command)
 
@@ -449,30 +451,30 @@ async def create_task(request: Request[str, Any, Any], data: CreateTask) -> Resp
     responses=_errors(400, 404, 409, 412, 413, 415, 422),
 )
 async def edit_task(
-    request: Request[str, Any, Any], task_id: str, data: EditTask
+    request: Request[str, Any, Any], task_id: FromPath[str], data: JSONBody[EditTask]
 ) -> Response[Task]:
     """Change any of title, description, priority, due_date, tags, completed."""
     return await _command(request, _task_uuid(task_id), request.state.command)
 
 
 @post("/tasks/{task_id:str}/complete", status_code=200, responses=_errors(400, 404, 409, 412, 422))
-async def complete_task(request: Request[str, Any, Any], task_id: str) -> Response[Task]:
+async def complete_task(request: Request[str, Any, Any], task_id: FromPath[str]) -> Response[Task]:
     return await _command(request, _task_uuid(task_id), CompleteTask())
 
 
 @post("/tasks/{task_id:str}/reopen", status_code=200, responses=_errors(400, 404, 409, 412, 422))
-async def reopen_task(request: Request[str, Any, Any], task_id: str) -> Response[Task]:
+async def reopen_task(request: Request[str, Any, Any], task_id: FromPath[str]) -> Response[Task]:
     return await _command(request, _task_uuid(task_id), ReopenTask())
 
 
 @delete("/tasks/{task_id:str}", status_code=204, responses=_errors(400, 404, 409, 412, 422))
-async def delete_task(request: Request[str, Any, Any], task_id: str) -> Response[None]:
+async def delete_task(request: Request[str, Any, Any], task_id: FromPath[str]) -> Response[None]:
     """Delete a task (`TaskDeleted`); its history stays and it can be restored."""
     return await _command(request, _task_uuid(task_id), DeleteTask())
 
 
 @post("/tasks/{task_id:str}/restore", status_code=200, responses=_errors(400, 404, 409, 412, 422))
-async def restore_task(request: Request[str, Any, Any], task_id: str) -> Response[Task]:
+async def restore_task(request: Request[str, Any, Any], task_id: FromPath[str]) -> Response[Task]:
     """Bring a deleted task back as it was; `409` if it is not deleted."""
     return await _command(request, _task_uuid(task_id), RestoreTask())
 
@@ -480,12 +482,12 @@ async def restore_task(request: Request[str, Any, Any], task_id: str) -> Respons
 @get("/tasks", responses=_errors(400))
 async def list_tasks(
     request: Request[str, Any, Any],
-    completed: bool | None = None,
-    tag: str | None = None,
-    q: str | None = None,
-    due_before: date | None = None,
-    limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
-    cursor: str | None = None,
+    completed: FromQuery[bool | None] = None,
+    tag: FromQuery[str | None] = None,
+    q: FromQuery[str | None] = None,
+    due_before: FromQuery[date | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+    cursor: FromQuery[str | None] = None,
 ) -> TaskPage:
     """The user's tasks, newest first, keyset-paginated."""
     filters = TaskFilters(completed=completed, tag=tag, q=q, due_before=due_before)
@@ -495,9 +497,9 @@ async def list_tasks(
 @get("/tasks/{task_id:str}", responses=_errors(400, 404))
 async def get_task(
     request: Request[str, Any, Any],
-    task_id: str,
-    version: Annotated[int | None, Parameter(ge=1)] = None,
-    as_of: datetime | None = None,
+    task_id: FromPath[str],
+    version: Annotated[int | None, QueryParameter(ge=1)] = None,
+    as_of: FromQuery[datetime | None] = None,
 ) -> Response[Task]:
     """The task, with `ETag`; `304` when `If-None-Match` names its version.
 
@@ -524,9 +526,9 @@ async def get_task(
 @get("/tasks/{task_id:str}/history", responses=_errors(400, 404))
 async def task_history(
     request: Request[str, Any, Any],
-    task_id: str,
-    limit: Annotated[int, Parameter(ge=1, le=200)] = 100,
-    cursor: str | None = None,
+    task_id: FromPath[str],
+    limit: Annotated[int, QueryParameter(ge=1, le=200)] = 100,
+    cursor: FromQuery[str | None] = None,
 ) -> EventPage:
     """Every event of the task, oldest first; works after deletion."""
     return await queries.task_history(
@@ -537,8 +539,8 @@ async def task_history(
 @get("/events", responses=_errors(400))
 async def list_events(
     request: Request[str, Any, Any],
-    after: Annotated[int, Parameter(ge=0)] = 0,
-    limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    after: Annotated[int, QueryParameter(ge=0)] = 0,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> FeedPage:
     """The user's events across all tasks in commit order; poll with `after=next_position`."""
     return await queries.user_events(request.app.state.pool, request.user, after, limit)
@@ -547,8 +549,8 @@ async def list_events(
 @get("/events/stream", responses=_errors(400))
 async def stream_events(
     request: Request[str, Any, Any],
-    after: Annotated[int | None, Parameter(ge=0)] = None,
-    last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
+    after: Annotated[int | None, QueryParameter(ge=0)] = None,
+    last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
 ) -> ServerSentEvent:
     """Server-Sent Events of the user's events as they commit (`id:` is the position).
 
