@@ -10,7 +10,9 @@ The order inside the transaction is what makes the guarantees hold:
    positions commit in increasing order (the feed can never skip one).
 3. Read the task row in a new statement, after the lock, so it sees the previous command's
    commit; check If-Match; `decide`; fold the new events with `evolve`.
-4. Append the events, upsert the projection row, store the idempotent answer; commit.
+4. Upsert the projection row, then append the events (the row first: a command that has
+   drawn event positions then holds a lock on `tasks`, which the online rebuild relies
+   on), store the idempotent answer; commit.
 """
 
 from __future__ import annotations
@@ -175,8 +177,7 @@ async def _run(
     new_state = fold(recorded, state)
     assert new_state is not None
     if recorded:
-        # The row first: a command that has drawn event positions then always holds a lock
-        # on `tasks`, which is what lets the rebuild find a clean point to start from.
+        # The row first (see the module's docstring, step 4).
         await projection.save_task(conn, user_id, new_state)
         await eventstore.append_events(conn, user_id, recorded, meta)
     etag = f'"{new_state.version}"'
