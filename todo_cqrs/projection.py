@@ -97,6 +97,18 @@ def _ignore(_: int) -> None:
     pass
 
 
+class _Tally:
+    """Counts the events folded and passes each report on."""
+
+    def __init__(self, on_events: OnEvents) -> None:
+        self.events = 0
+        self.on_events = on_events
+
+    def __call__(self, events: int) -> None:
+        self.events += events
+        self.on_events(events)
+
+
 class RebuildBusy(Exception):
     """Another rebuild (or check) holds the rebuild lock."""
 
@@ -261,13 +273,7 @@ async def rebuild_all(conninfo: str, on_events: OnEvents = _ignore) -> RebuildSu
 
     A rebuild killed at any point leaves `tasks` as it was; the next one starts afresh.
     """
-    folded_events = 0
-
-    def count(events: int) -> None:
-        nonlocal folded_events
-        folded_events += events
-        on_events(events)
-
+    count = _Tally(on_events)
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as control:
         await _take_rebuild_lock(control)
         try:
@@ -300,7 +306,7 @@ async def rebuild_all(conninfo: str, on_events: OnEvents = _ignore) -> RebuildSu
                 count(caught_up)
         finally:
             await control.execute("SELECT pg_advisory_unlock(%s)", (REBUILD_LOCK,))
-    return RebuildSummary(events=folded_events, tasks=tasks, caught_up=caught_up)
+    return RebuildSummary(events=count.events, tasks=tasks, caught_up=caught_up)
 
 
 async def rebuild_user(
@@ -308,13 +314,7 @@ async def rebuild_user(
 ) -> RebuildSummary:
     """Rebuild one user's rows in one transaction, under the user's lock (their commands
     wait); everyone else's rows are not touched."""
-    folded_events = 0
-
-    def count(events: int) -> None:
-        nonlocal folded_events
-        folded_events += events
-        on_events(events)
-
+    count = _Tally(on_events)
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
         await _take_rebuild_lock(conn)
         try:
@@ -331,7 +331,7 @@ async def rebuild_user(
                 written = await _copy_tasks(conn, "tasks", each())
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (REBUILD_LOCK,))
-    return RebuildSummary(events=folded_events, tasks=written)
+    return RebuildSummary(events=count.events, tasks=written)
 
 
 _ROW_TYPES = [
