@@ -128,7 +128,9 @@ def create_pool(url: str, *, min_size: int, max_size: int, timeout: float) -> As
         max_size=max_size,
         timeout=timeout,
         open=False,
-        kwargs={"options": "-c TimeZone=UTC"},
+        # Autocommit: a query is one round trip, with no BEGIN before it and no ROLLBACK
+        # when the connection goes back; commands open their transaction explicitly.
+        kwargs={"options": "-c TimeZone=UTC", "autocommit": True},
         # While the database is down, give up reconnecting after 2 s rather than backing
         # off for minutes: the next request starts a fresh attempt, so the service is back
         # within a second or two of the database.
