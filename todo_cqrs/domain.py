@@ -261,6 +261,11 @@ def _field_problem(name: str, value: Any) -> str | None:
     return None
 
 
+_BODY_FIELDS = {
+    kind: [f.name for f in msgspec.structs.fields(kind)] for kind in (CreateTask, EditTask)
+}
+
+
 def parse_command(kind: type[CreateTask] | type[EditTask], body: Any) -> CreateTask | EditTask:
     """A decoded JSON body as a command, checked against every rule of the contract.
 
@@ -269,7 +274,7 @@ def parse_command(kind: type[CreateTask] | type[EditTask], body: Any) -> CreateT
     """
     if not isinstance(body, dict):
         raise InvalidCommand([FieldError("body", "must be a JSON object")])
-    allowed = [f.name for f in msgspec.structs.fields(kind)]
+    allowed = _BODY_FIELDS[kind]
     values: dict[str, Any] = {}
     errors: list[FieldError] = []
     for name in allowed:
