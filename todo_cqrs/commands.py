@@ -67,7 +67,7 @@ def fingerprint(method: str, path: str, body: bytes) -> bytes:
     """Identifies a request for idempotency: method, path and the body up to JSON equality."""
     try:
         canonical = msgspec.json.encode(msgspec.json.decode(body), order="sorted") if body else b""
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         canonical = body
     return hashlib.sha256(b"%s\n%s\n%s" % (method.encode(), path.encode(), canonical)).digest()
 

@@ -1,0 +1,248 @@
+"""Hostile input: the classic bad requests each answer a 4xx (never a 5xx) and leave nothing
+behind, and SQL fragments are stored verbatim and never executed."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from conftest import JWT_SECRET, Api
+from helpers import ServeProcess, service_env
+
+from todo_cqrs.http import mint_token
+
+HUGE_INT = str(10**400)
+STRING_FIELDS = ("title", "description", "priority", "due_date")
+SQL = ("'; DROP TABLE events; --", "%' OR 1=1 --", "\\x27", "' OR '1'='1", "\x27")
+
+
+def event_count(database_url: str, user: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM events WHERE user_id = %s", (user,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def assert_4xx(response: Any) -> None:
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def post_raw(api: Api, url: str, body: bytes, method: str = "POST", **headers: str) -> Any:
+    return api.request(
+        method, url, content=body, headers={"Content-Type": "application/json", **headers}
+    )
+
+
+# --- NUL bytes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", [*STRING_FIELDS, "tags"])
+def test_nul_in_every_string_field_is_refused(api: Api, database_url: str, field: str) -> None:
+    task = api.create(title="before")
+    before = event_count(database_url, api.user)
+    value: Any = ["ok", "a\x00b"] if field == "tags" else "a\x00b"
+    create = api.post("/tasks", json={"title": "t", field: value})
+    edit = api.patch(f"/tasks/{task['id']}", json={field: value})
+    for response in (create, edit):
+        assert response.status_code == 400, response.text
+        assert any(e["field"] == field for e in response.json()["errors"]), response.text
+    assert event_count(database_url, api.user) == before
+    assert api.get(f"/tasks/{task['id']}").json() == task
+
+
+@pytest.mark.parametrize("name", ["q", "tag", "cursor"])
+def test_nul_in_a_query_parameter_is_refused(api: Api, database_url: str, name: str) -> None:
+    task = api.create()
+    before = event_count(database_url, api.user)
+    assert_4xx(api.get("/tasks", params={name: "a\x00b"}))
+    assert_4xx(api.get(f"/tasks/{task['id']}/history", params={"cursor": "\x00"}))
+    assert_4xx(api.get(f"/tasks/{task['id']}", params={"as_of": "\x00"}))
+    assert api.get("/tasks/%00").status_code == 404
+    assert event_count(database_url, api.user) == before
+
+
+# --- bytes that are not UTF-8, numbers too big, bodies nested too deep ---------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"title": "\xff\xfe"}',
+        b'{"title": "ok", "tags": ["\xc3\x28"]}',
+        b'{"title": "\xed\xa0\x80"}',  # an encoded lone surrogate
+        b'{"title": "\\ud800"}',  # an escaped lone surrogate
+        b"\x80\x81\x82",
+    ],
+    ids=["ff-fe", "bad-continuation", "encoded-surrogate", "escaped-surrogate", "bare-bytes"],
+)
+def test_invalid_utf8_body_is_refused(api: Api, database_url: str, body: bytes) -> None:
+    task = api.create()
+    before = event_count(database_url, api.user)
+    assert_4xx(post_raw(api, "/tasks", body))
+    assert_4xx(post_raw(api, f"/tasks/{task['id']}", body, method="PATCH"))
+    assert_4xx(post_raw(api, "/tasks", body, **{"Idempotency-Key": uuid.uuid4().hex}))
+    assert event_count(database_url, api.user) == before
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", HUGE_INT, "-" + HUGE_INT])
+@pytest.mark.parametrize("field", [*STRING_FIELDS, "tags", "completed"])
+def test_huge_numbers_in_a_body_are_refused(
+    api: Api, database_url: str, number: str, field: str
+) -> None:
+    task = api.create()
+    before = event_count(database_url, api.user)
+    value = number.encode()
+    if field != "title":
+        create = post_raw(api, "/tasks", b'{"title": "t", "%s": %s}' % (field.encode(), value))
+    else:
+        create = post_raw(api, "/tasks", b'{"title": %s}' % value)
+    if field != "completed":
+        assert_4xx(create)
+    else:  # `completed` is no field of a new task
+        assert create.status_code == 400
+    edit = post_raw(
+        api, f"/tasks/{task['id']}", b'{"%s": %s}' % (field.encode(), value), method="PATCH"
+    )
+    assert_4xx(edit)
+    assert event_count(database_url, api.user) == before
+
+
+@pytest.mark.parametrize("number", ["1e999", HUGE_INT, "-" + HUGE_INT, str(2**63), str(2**64)])
+def test_huge_numbers_in_query_parameters(api: Api, database_url: str, number: str) -> None:
+    task = api.create()
+    before = event_count(database_url, api.user)
+    for url in ("/tasks", f"/tasks/{task['id']}/history", "/events"):
+        assert_4xx(api.get(url, params={"limit": number}))
+    # A version past what an integer holds is past the task's current one: 404 (or 400 when
+    # it is not an integer at all, or below 1).
+    answer = api.get(f"/tasks/{task['id']}", params={"version": number})
+    assert answer.status_code == (404 if number.isdigit() else 400), answer.text
+    # A feed position past every event: an empty page (or 400 when not a position at all).
+    feed = api.get("/events", params={"after": number})
+    assert feed.status_code == (200 if number.isdigit() else 400), feed.text
+    if feed.status_code == 200:
+        assert feed.json()["items"] == []
+    assert event_count(database_url, api.user) == before
+
+
+def test_deeply_nested_json_is_refused(api: Api, database_url: str) -> None:
+    task = api.create()
+    before = event_count(database_url, api.user)
+    huge = b"[" * 100_000 + b"]" * 100_000  # 200 KB: over the 64 KiB limit
+    deep = b"[" * 30_000 + b"]" * 30_000  # 60 KB: under it, and far past msgspec's depth
+    deep_object = b'{"a":' * 10_000 + b"1" + b"}" * 10_000
+    in_a_field = b'{"title": "t", "tags": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    for body in (huge, deep, deep_object, in_a_field):
+        for keyed in (False, True):
+            headers = {"Idempotency-Key": uuid.uuid4().hex} if keyed else {}
+            create = post_raw(api, "/tasks", body, **headers)
+            headers = {"Idempotency-Key": uuid.uuid4().hex} if keyed else {}
+            edit = post_raw(api, f"/tasks/{task['id']}", body, method="PATCH", **headers)
+            for response in (create, edit):
+                assert_4xx(response)
+                assert response.status_code == (413 if body is huge else 400)
+    assert event_count(database_url, api.user) == before
+
+
+# --- many query parameters, a huge header ----------------------------------------------------
+
+
+@pytest.mark.parametrize("param", ["a=1", "tag=t", "q=x", "x="])
+def test_ten_thousand_query_parameters(api: Api, database_url: str, param: str) -> None:
+    """GET /tasks with 10,000 parameters: unknown ones are ignored and a repeated filter
+    takes one of its values, so the answer is an ordinary page, never a 5xx. (httpx refuses
+    a query over 64 KiB, so the parameters are short ones.)"""
+    api.create()
+    before = event_count(database_url, api.user)
+    answer = api.get("/tasks?" + "&".join([param] * 10_000))
+    assert answer.status_code in (200, 400), answer.text[:300]
+    assert event_count(database_url, api.user) == before
+
+
+def test_a_one_megabyte_header_through_a_real_server(database_url: str, tmp_path: Path) -> None:
+    """The test client does not model header limits, and uvicorn's httptools parser has
+    none: the service itself answers `431` to headers over 64 KiB (a closed connection would
+    be allowed too); never a 5xx, nothing appended, and the server keeps serving."""
+    env = service_env(
+        DATABASE_URL=database_url,
+        TODO_JWT_SECRET=JWT_SECRET,
+        TODO_DATA_DIR=str(tmp_path / "data"),
+    )
+    user = f"user-{uuid.uuid4()}"
+    token = mint_token(JWT_SECRET, user)
+    with (
+        ServeProcess(env, tmp_path, tmp_path / "serve.log") as server,
+        httpx.Client(base_url=server.url, timeout=15.0, trust_env=False) as http,
+    ):
+        auth = {"Authorization": f"Bearer {token}"}
+        for name in ("X-Big", "Authorization"):
+            headers = {**auth, name: "a" * 1_048_576}
+            try:
+                answer = http.post("/tasks", json={"title": "big"}, headers=headers)
+            except httpx.TransportError:
+                pass  # the connection was closed: allowed, as long as the server lives on
+            else:
+                assert answer.status_code == 431, answer.status_code
+                assert answer.headers["content-type"].startswith("application/problem+json")
+        assert server.running
+        assert http.get("/health").status_code == 200
+        assert http.get("/tasks", headers=auth).json()["items"] == []
+    assert event_count(database_url, user) == 0
+
+
+# --- SQL fragments ---------------------------------------------------------------------------
+
+
+def _tables_intact(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        for table in ("events", "tasks"):
+            conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+
+
+@pytest.mark.parametrize("fragment", SQL)
+def test_sql_fragments_are_stored_verbatim(
+    api: Api, other_api: Api, database_url: str, fragment: str
+) -> None:
+    other = other_api.create(title="someone else's")
+    task = api.create(title=fragment, description=fragment, tags=[fragment, "x" + fragment])
+    assert (task["title"], task["description"]) == (fragment.strip(), fragment)
+    assert task["tags"] == [fragment, "x" + fragment]
+    edited = api.patch(f"/tasks/{task['id']}", json={"title": "e" + fragment, "tags": [fragment]})
+    assert edited.status_code == 200, edited.text
+    shown = api.get(f"/tasks/{task['id']}").json()
+    assert (shown["title"], shown["description"], shown["tags"]) == (
+        "e" + fragment,
+        fragment,
+        [fragment],
+    )
+    # As filters: they match literally, and only this user's tasks.
+    by_q = api.get("/tasks", params={"q": fragment})
+    assert [t["id"] for t in by_q.json()["items"]] == [task["id"]]
+    by_tag = api.get("/tasks", params={"tag": fragment})
+    assert [t["id"] for t in by_tag.json()["items"]] == [task["id"]]
+    assert api.get("/tasks", params={"tag": fragment + "x"}).json()["items"] == []
+    # As a cursor, a path id, a time: refused, never run.
+    before = event_count(database_url, api.user)
+    assert api.get("/tasks", params={"cursor": fragment}).status_code == 400
+    assert api.get(f"/tasks/{task['id']}/history", params={"cursor": fragment}).status_code == 400
+    assert api.get(f"/tasks/{task['id']}", params={"as_of": fragment}).status_code == 400
+    quoted = httpx.URL("/tasks/").join(fragment.replace("/", "%2F")).raw_path.decode()
+    for method, suffix in (
+        ("GET", ""),
+        ("GET", "/history"),
+        ("PATCH", ""),
+        ("DELETE", ""),
+        ("POST", "/complete"),
+        ("POST", "/restore"),
+    ):
+        url = f"/tasks/{quoted}{suffix}"
+        kwargs: dict[str, Any] = {"json": {"title": "x"}} if method == "PATCH" else {}
+        assert api.request(method, url, **kwargs).status_code == 404, (method, url)
+    assert event_count(database_url, api.user) == before
+    _tables_intact(database_url)
+    assert other_api.get(f"/tasks/{other['id']}").json() == other
