@@ -37,7 +37,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     url = database_url(settings)
     db.migrate(url)  # once, here, before any worker starts
     os.environ["DATABASE_URL"] = url  # the workers read it (embedded case included)
-    settings.resolved_jwt_secret()  # create the development secret before workers race for it
+    settings.hs256_secret()  # create the development secret (if used) before workers race for it
     metrics_dir = None
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         metrics_dir = tempfile.mkdtemp(prefix="todo-cqrs-metrics-")
@@ -74,7 +74,15 @@ def token(args: argparse.Namespace, settings: Settings) -> int:
     if not 1 <= len(args.user) <= 255:
         print("USER must be 1 to 255 characters", file=sys.stderr)
         return 2
-    print(mint_token(settings.resolved_jwt_secret(), args.user, args.ttl))
+    secret = settings.hs256_secret()
+    if secret is None:
+        print(
+            "HS256 tokens are not accepted: public keys are configured and TODO_JWT_SECRET is"
+            " not set; get tokens from your identity provider",
+            file=sys.stderr,
+        )
+        return 2
+    print(mint_token(secret, args.user, args.ttl))
     return 0
 
 

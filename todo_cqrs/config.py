@@ -20,6 +20,11 @@ class Settings:
     pool_timeout: float
     log_level: str
     heartbeat: float = 10.0
+    jwt_public_key: str | None = None  # PEM text, or the path of a PEM file
+    jwt_jwks_url: str | None = None
+    jwt_jwks_file: str | None = None
+    jwt_jwks_min_refresh: float = 30.0  # seconds between two fetches of the JWKS URL, at least
+    jwt_jwks_max_age: float = 300.0  # seconds before the cached JWKS is refreshed in background
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -35,13 +40,33 @@ class Settings:
             pool_timeout=float(env.get("TODO_POOL_TIMEOUT", "3")),
             log_level=env.get("TODO_LOG_LEVEL", "INFO").upper(),
             heartbeat=float(env.get("TODO_SSE_HEARTBEAT", "10")),
+            jwt_public_key=env.get("TODO_JWT_PUBLIC_KEY") or None,
+            jwt_jwks_url=env.get("TODO_JWT_JWKS_URL") or None,
+            jwt_jwks_file=env.get("TODO_JWT_JWKS_FILE") or None,
+            jwt_jwks_min_refresh=float(env.get("TODO_JWT_JWKS_MIN_REFRESH", "30")),
+            jwt_jwks_max_age=float(env.get("TODO_JWT_JWKS_MAX_AGE", "300")),
         )
+
+    def public_keys_configured(self) -> bool:
+        return bool(self.jwt_public_key or self.jwt_jwks_url or self.jwt_jwks_file)
+
+    def hs256_secret(self) -> str | None:
+        """The HS256 secret tokens may be signed with, or None when HS256 is refused.
+
+        An explicit TODO_JWT_SECRET always counts; the development secret only when no public
+        key, JWKS URL or JWKS file is configured (an identity provider replaces it).
+        """
+        if self.jwt_secret:
+            return self.jwt_secret
+        if self.public_keys_configured():
+            return None
+        return self.resolved_jwt_secret()
 
     def resolved_jwt_secret(self) -> str:
         """TODO_JWT_SECRET, else a development secret kept in the data folder.
 
         The kept secret lets `serve` and `token` agree with nothing configured; production
-        sets TODO_JWT_SECRET (or, later, public keys).
+        sets TODO_JWT_SECRET or public keys (see `hs256_secret`).
         """
         if self.jwt_secret:
             return self.jwt_secret

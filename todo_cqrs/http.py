@@ -31,7 +31,14 @@ from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
-from litestar.types import Message, Receive, Scope, Send
+from litestar.types import (
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -43,7 +50,7 @@ from prometheus_client import (
 )
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from todo_cqrs import __version__, commands, db, queries
+from todo_cqrs import __version__, auth, commands, db, queries
 from todo_cqrs.commands import Answer, Idempotency
 from todo_cqrs.config import Settings
 from todo_cqrs.domain import (
@@ -66,10 +73,12 @@ from todo_cqrs.queries import EventPage, FeedPage, TaskFilters, TaskPage
 log = logging.getLogger("todo_cqrs")
 
 MAX_BODY = 64 * 1024
+MAX_HEADERS = 64 * 1024  # uvicorn's httptools parser has no limit of its own
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _encode = msgspec.json.Encoder().encode
 _REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _IDEMPOTENCY_KEY_FORM = re.compile(r"[\x20-\x7e]{1,255}")
+_VERSION_MAX = 2**31 - 1  # events.version is a PostgreSQL integer
 
 
 # --- logging --------------------------------------------------------------------------------
@@ -154,6 +163,20 @@ async def _housekeeping(pool: AsyncConnectionPool) -> None:
 # --- the outermost layer: request id, access log, metrics -----------------------------------
 
 
+async def _send_problem(send: Send, problem: Problem) -> None:
+    """A problem answer sent straight over ASGI, for requests refused before Litestar."""
+    body = problem.encode()
+    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", b"%d" % len(body))]
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": problem.status,
+        "headers": headers,
+    }
+    await send(start)
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(end)
+
+
 class ServiceEdge:
     """Wraps the whole Litestar app, so that every answer (unrouted 404s included) carries
     X-Request-ID, is counted, and is logged once."""
@@ -185,7 +208,12 @@ class ServiceEdge:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
+                await _send_problem(
+                    send_with_id, Problem(431, "The request headers are too large.")
+                )
+            else:
+                await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("path_template") or "unrouted"
@@ -209,12 +237,12 @@ class ServiceEdge:
 
 
 class JWTAuth(AbstractAuthenticationMiddleware):
-    """Bearer JWTs: HS256 only, `exp` and `sub` required, 30 s leeway, iss/aud when set."""
+    """Bearer JWTs, checked by the app's `auth.Verifier` (keys, algorithms, claims)."""
 
     async def authenticate_request(
         self, connection: ASGIConnection[Any, Any, Any, Any]
     ) -> AuthenticationResult:
-        settings: Settings = connection.app.state.settings
+        verifier: auth.Verifier = connection.app.state.verifier
         scheme, _, token = connection.headers.get("authorization", "").strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
@@ -222,29 +250,18 @@ class JWTAuth(AbstractAuthenticationMiddleware):
                 401, "A bearer token is required.", headers={"WWW-Authenticate": "Bearer"}
             )
         try:
-            claims = jwt.decode(
-                token,
-                connection.app.state.jwt_secret,
-                algorithms=["HS256"],
-                leeway=30,
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-                options={
-                    "require": ["exp", "sub"],
-                    "verify_aud": settings.jwt_audience is not None,
-                    "verify_iss": settings.jwt_issuer is not None,
-                },
-            )
-            subject = claims["sub"]
-            if not isinstance(subject, str) or not 1 <= len(subject) <= 255:
-                raise jwt.InvalidTokenError("sub must be a string of 1 to 255 characters")
-        except jwt.InvalidTokenError as error:
+            claims = await verifier.verify(token)
+        except auth.InvalidToken as error:
             raise Problem(
                 401,
                 f"The token is not valid: {error}.",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             ) from None
-        return AuthenticationResult(user=subject, auth=claims)
+        except auth.KeysUnavailable as error:
+            raise Problem(
+                503, str(error), headers={"Retry-After": str(error.retry_after)}
+            ) from None
+        return AuthenticationResult(user=claims["sub"], auth=claims)
 
 
 def mint_token(secret: str, user_id: str, ttl: int = 3600) -> str:
@@ -366,6 +383,8 @@ async def _parse_body(request: Request[str, Any, Any]) -> Response[Any] | None:
             body = msgspec.json.decode(await request.body())
         except (msgspec.DecodeError, UnicodeDecodeError) as error:
             raise Problem(400, f"The body is not valid JSON: {error}") from None
+        except RecursionError:  # msgspec's answer to JSON nested thousands deep
+            raise Problem(400, "The body is nested too deeply.") from None
         try:
             request.state.command = parse_command(kind, body)
         except InvalidCommand as invalid:
@@ -467,7 +486,11 @@ async def reopen_task(request: Request[str, Any, Any], task_id: FromPath[str]) -
     return await _command(request, _task_uuid(task_id), ReopenTask())
 
 
-@delete("/tasks/{task_id:str}", status_code=204, responses=_errors(400, 404, 409, 412, 422))
+@delete(
+    "/tasks/{task_id:str}",
+    status_code=204,
+    responses={**_errors(400, 404, 409, 412, 422), 204: ResponseSpec(None, description="Deleted")},
+)
 async def delete_task(request: Request[str, Any, Any], task_id: FromPath[str]) -> Response[None]:
     """Delete a task (`TaskDeleted`); its history stays and it can be restored."""
     return await _command(request, _task_uuid(task_id), DeleteTask())
@@ -490,11 +513,18 @@ async def list_tasks(
     cursor: FromQuery[str | None] = None,
 ) -> TaskPage:
     """The user's tasks, newest first, keyset-paginated."""
+    for name, value in (("tag", tag), ("q", q), ("cursor", cursor)):
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
+            message = "must not contain a NUL character"
+            raise Problem(400, f"{name} {message}.", errors=[FieldError(name, message)])
     filters = TaskFilters(completed=completed, tag=tag, q=q, due_before=due_before)
     return await queries.list_tasks(request.app.state.pool, request.user, filters, limit, cursor)
 
 
-@get("/tasks/{task_id:str}", responses=_errors(400, 404))
+@get(
+    "/tasks/{task_id:str}",
+    responses={**_errors(400, 404), 304: ResponseSpec(None, description="Not modified")},
+)
 async def get_task(
     request: Request[str, Any, Any],
     task_id: FromPath[str],
@@ -510,6 +540,8 @@ async def get_task(
         raise Problem(400, "Give version or as_of, not both.")
     if as_of is not None and as_of.tzinfo is None:
         raise Problem(400, "as_of needs a UTC offset (RFC 3339).")
+    if version is not None and version > _VERSION_MAX:
+        raise not_found()  # past the current version of any task: versions are int4
     if version is None and as_of is None:
         task = await queries.get_task(pool, user, uid)
     else:
@@ -657,6 +689,7 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
     )
 
     signal = NewEventSignal(settings.database_url)
+    verifier = auth.Verifier.from_settings(settings)  # a bad key fails here, at start
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -671,6 +704,7 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
             for helper in helpers:
                 helper.cancel()
             await pool.close()
+            await verifier.aclose()
 
     app = Litestar(
         route_handlers=[
@@ -705,7 +739,7 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
                 "settings": settings,
                 "pool": pool,
                 "signal": signal,
-                "jwt_secret": settings.resolved_jwt_secret(),
+                "verifier": verifier,
             }
         ),
         logging_config=None,
