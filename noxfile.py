@@ -1,6 +1,10 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint typecheck`."""
+"""Developer sessions: `nox -s tests`, `nox -s lint typecheck`; benchmarks: `nox -s bench`,
+`nox -s bench_rebuild`."""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import nox
 
@@ -34,3 +38,28 @@ def bench_rebuild(session: nox.Session) -> None:
     BENCHMARKS.md. Smaller: `nox -s bench_rebuild -- --tasks 100000 --events 500000`."""
     session.install("-e", ".")
     session.run("python", "-m", "todo_cqrs.bench", "rebuild", *session.posargs)
+
+
+def _apt_install(session: nox.Session, tool: str, package: str) -> None:
+    """Install a missing command-line tool with apt-get (sudo when not root), saying so."""
+    if shutil.which(tool):
+        return
+    if shutil.which("apt-get") is None:
+        session.error(f"{tool} is missing and there is no apt-get here: install {package}")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    session.log(f"{tool} is missing: installing the {package} package with apt-get")
+    session.run(*sudo, "apt-get", "update", external=True)
+    session.run(
+        *sudo, "apt-get", "install", "-y", "--no-install-recommends", package, external=True
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The HTTP API under wrk, against pgbench's ceiling for the same SQL; writes
+    BENCHMARKS.md. `nox -s bench -- --smoke` (seconds, writes nothing), `-- --duration 5`,
+    `-- --workers 4`, `-- --big` (10,000 users, 1,000,000 tasks, 5,000,000 events)."""
+    _apt_install(session, "wrk", "wrk")
+    _apt_install(session, "pgbench", "postgresql-client")
+    session.install("-e", ".")
+    session.run("python", "-m", "todo_cqrs.bench", "api", *session.posargs)

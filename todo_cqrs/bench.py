@@ -1,29 +1,45 @@
-"""Benchmarks that write their figures into BENCHMARKS.md (run through `nox -s bench_rebuild`).
+"""Benchmarks that write their figures into BENCHMARKS.md (`nox -s bench_rebuild`, `nox -s bench`).
 
     python -m todo_cqrs.bench rebuild [--users N] [--tasks N] [--events N]
+    python -m todo_cqrs.bench api [--workers 2] [--connections 32] [--duration 15] [--smoke]
+                                  [--big [--users N --tasks N --events N]]
 
 Uses BENCH_DATABASE_URL (a server where it may create and drop a database), else an embedded
-PostgreSQL in a temporary folder.
+PostgreSQL in a temporary folder. `api` drives a real `todo-cqrs serve` on a loopback port
+with wrk, and the same SQL straight at the database with pgbench (see `bench_api`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import json
 import os
 import platform
 import re
 import resource
+import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
+import jwt
+import psutil
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from todo_cqrs import __version__, db
+from todo_cqrs import __version__, db, eventstore, projection
 
 REPORT = Path("BENCHMARKS.md")
 
@@ -132,6 +148,714 @@ fold, COPY, index build, catch-up, swap), timed from outside.
     print(REPORT.read_text())
 
 
+# --- the HTTP API (issue 6) -----------------------------------------------------------------
+#
+# One run: a fresh database; `todo-cqrs serve --workers N` on a free loopback port; a data
+# set (seeded through the API, or with --big generated in the database and rebuilt); then
+# each scenario driven by wrk for --duration seconds; the workers' memory; serve stopped;
+# then pgbench runs the SQL of one PATCH and of one list query straight at the database:
+# its transactions/s are the ceiling that the scenarios are compared with.
+
+# Each scenario's mix of requests, in percent.
+SCENARIOS: dict[str, dict[str, int]] = {
+    "create": {"create": 100},
+    "get": {"get": 100},
+    "list": {"list": 100},
+    "patch": {"patch": 100},
+    "history": {"history": 100},
+    "mixed": {"get": 40, "list": 20, "history": 20, "create": 10, "patch": 10},
+}
+COMMAND_KINDS = frozenset({"create", "patch"})
+
+# The wrk script of a scenario; @TARGETS@ and @WEIGHTS@ are filled in at run time. Each
+# thread reads the `token task_id` lines and picks a random one for each request.
+_LUA = r"""-- Written by todo_cqrs/bench.py for one scenario of `nox -s bench`.
+local targets_path = "@TARGETS@"
+local weights = {@WEIGHTS@}
+local targets = {}
+local kinds = {}
+local sent = 0
+local threads = 0
+
+function setup(thread)
+  threads = threads + 1
+  thread:set("thread_no", threads)
+end
+
+function init(args)
+  for line in io.lines(targets_path) do
+    local token, task = line:match("^(%S+) (%S+)$")
+    if token then
+      targets[#targets + 1] = {"Bearer " .. token, task}
+    end
+  end
+  for _, w in ipairs(weights) do
+    for _ = 1, w[2] do
+      kinds[#kinds + 1] = w[1]
+    end
+  end
+  math.randomseed(os.time() + 7919 * (thread_no or 0))
+end
+
+function request()
+  sent = sent + 1
+  local target = targets[math.random(#targets)]
+  local kind = kinds[math.random(#kinds)]
+  local headers = {Authorization = target[1]}
+  if kind == "get" then
+    return wrk.format("GET", "/tasks/" .. target[2], headers)
+  elseif kind == "list" then
+    return wrk.format("GET", "/tasks?limit=50", headers)
+  elseif kind == "history" then
+    return wrk.format("GET", "/tasks/" .. target[2] .. "/history", headers)
+  end
+  headers["Content-Type"] = "application/json"
+  local title = string.format('"bench %d-%d"', thread_no or 0, sent)
+  if kind == "create" then
+    return wrk.format("POST", "/tasks", headers, '{"title": ' .. title .. ', "tags": ["bench"]}')
+  end
+  return wrk.format("PATCH", "/tasks/" .. target[2], headers, '{"title": ' .. title .. '}')
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {"requests": %.0f, "duration_us": %.0f, "connect": %.0f, "read": %.0f,'
+      .. ' "write": %.0f, "status": %.0f, "timeout": %.0f, "p50_us": %.0f, "p95_us": %.0f,'
+      .. ' "p99_us": %.0f, "max_us": %.0f, "mean_us": %.0f}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    latency.max, latency.mean))
+end
+"""
+
+# The SQL of one PATCH that renames a task, as commands.execute sends it without an
+# Idempotency-Key: BEGIN; eventstore.lock_user; projection.load_task; projection.save_task;
+# eventstore.append_events (the INSERT, then pg_notify); COMMIT. pgbench sends no NULL
+# parameter, so the nullable columns read back with \gset (an empty string for NULL) go
+# through NULLIF, and idempotency_key is a literal NULL. The first statement is the
+# harness's: it picks a random seeded task and the new title (one primary-key read).
+_PGBENCH_COMMAND = """\\set n random(1, @TARGETS@)
+SELECT b.user_id AS uid, b.task_id AS tid, t.title AS new_title,
+  jsonb_build_object('title', t.title)::text AS event_data, 'TaskRenamed' AS event_type,
+  'todo_events' AS channel, gen_random_uuid()::text AS request_id
+  FROM bench_targets b, (SELECT 'pgbench ' || md5(random()::text) AS title) t
+  WHERE b.n = :n \\gset
+BEGIN;
+WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(:uid, 0))) \
+SELECT clock_timestamp() FROM locked \\gset
+SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND task_id = :tid \\gset row_
+\\set next_version :row_version + 1
+\\set schema_version 1
+@SAVE_TASK@;
+INSERT INTO events (user_id, task_id, version, type, data, schema_version, occurred_at, \
+request_id, idempotency_key) VALUES (:uid, :tid, :next_version, :event_type, \
+:event_data::jsonb, :schema_version, :clock_timestamp, :request_id, NULL);
+SELECT pg_notify(:channel, :uid);
+COMMIT;
+"""
+
+# queries.list_tasks without filters or cursor, `limit` 50 (so LIMIT 51).
+_PGBENCH_LIST = """\\set n random(1, @TARGETS@)
+SELECT user_id AS uid FROM bench_targets WHERE n = :n \\gset
+\\set limit 51
+SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND NOT deleted \
+ORDER BY created_at DESC, task_id DESC LIMIT :limit;
+"""
+
+# The values of projection.save_task's upsert (projection._row_values), as pgbench variables.
+_SAVE_VALUES = [
+    ":uid", ":tid", ":new_title", ":row_description", ":row_completed", ":row_priority",
+    "NULLIF(:row_due_date, '')::date", ":row_tags", ":next_version", ":row_created_at",
+    ":clock_timestamp", "NULLIF(:row_completed_at, '')::timestamptz", ":row_deleted",
+]  # fmt: skip
+
+
+def pgbench_scripts(targets: int) -> dict[str, str]:
+    """The pgbench scripts, built from the statements that the service sends."""
+    save = projection._SAVE_TASKS
+    for value in _SAVE_VALUES:
+        save = save.replace("%s", value, 1)
+    assert "%s" not in save
+    return {
+        name: text.replace("@TARGETS@", str(targets))
+        .replace("@TASK_COLUMNS@", projection.TASK_COLUMNS)
+        .replace("@SAVE_TASK@", save)
+        for name, text in (("command", _PGBENCH_COMMAND), ("list", _PGBENCH_LIST))
+    }
+
+
+# The read statements whose plans --big writes out (copied from queries.py, eventstore.py
+# and projection.py; one seeded task's ids fill them in).
+def explained_queries() -> dict[str, str]:
+    return {
+        "list (GET /tasks?limit=50)": f"SELECT {projection.TASK_COLUMNS} FROM tasks"
+        " WHERE user_id = %(user_id)s AND NOT deleted"
+        " ORDER BY created_at DESC, task_id DESC LIMIT 51",
+        "get (GET /tasks/{id})": f"SELECT {projection.TASK_COLUMNS} FROM tasks"
+        " WHERE user_id = %(user_id)s AND task_id = %(task_id)s AND NOT deleted",
+        "history (GET /tasks/{id}/history)": f"SELECT {eventstore._STORED_COLUMNS} FROM events"
+        " WHERE user_id = %(user_id)s AND task_id = %(task_id)s"
+        " AND version > 0 ORDER BY version LIMIT 101",
+        "the command's row read (PATCH /tasks/{id})": f"SELECT {projection.TASK_COLUMNS}"
+        " FROM tasks WHERE user_id = %(user_id)s AND task_id = %(task_id)s",
+    }
+
+
+@dataclass
+class Options:
+    workers: int
+    connections: int
+    threads: int
+    duration: int
+    warmup: int
+    users: int
+    tasks_per_user: int
+    big: bool
+    tasks: int
+    events: int
+    targets: int
+    smoke: bool
+    log_level: str
+
+
+@dataclass
+class Scenario:
+    name: str
+    requests: int
+    seconds: float
+    errors: int
+    error_detail: str
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class PgbenchResult:
+    name: str
+    tps: float
+    latency_ms: float
+    failed: int
+    transactions: int
+
+
+@dataclass
+class DataSet:
+    users: int
+    tasks: int
+    events: int
+    how: str
+
+
+@dataclass
+class Run:
+    options: Options
+    data: DataSet
+    scenarios: list[Scenario] = field(default_factory=list)
+    pgbench: dict[str, PgbenchResult] = field(default_factory=dict)
+    worker_rss_mb: list[float] = field(default_factory=list)
+    server_version: str = ""
+    plans: dict[str, str] = field(default_factory=dict)
+
+
+def _service_env(**extra: str) -> dict[str, str]:
+    """This environment without the service's own variables, plus `extra`."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("TODO_")
+        and name not in {"DATABASE_URL", "PROMETHEUS_MULTIPROC_DIR", "BENCH_DATABASE_URL"}
+    }
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Serve:
+    """`todo-cqrs serve` on a free loopback port, in a session of its own (serve and its
+    workers stop as one process group); its output goes to `log_path`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, workers: int) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "todo_cqrs.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", str(workers)],
+            env=env, cwd=log_path.parent, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.family: list[psutil.Process] = []
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2.0, trust_env=False).is_success:
+                    self.family = [psutil.Process(self.process.pid), *self.workers()]
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"serve was not ready within {timeout:.0f} s:\n{self.tail()}")
+
+    def workers(self) -> list[psutil.Process]:
+        """The processes that serve requests: uvicorn's spawned workers, or serve itself."""
+        main = psutil.Process(self.process.pid)
+        spawned = [
+            child
+            for child in main.children(recursive=True)
+            if any("spawn_main" in part for part in child.cmdline())
+        ]
+        return spawned or [main]
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, as a supervisor sends it; SIGKILL to the group (and to each worker
+        seen) when it does not stop in time."""
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"serve did not stop within {timeout:.0f} s: killing it", flush=True)
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait(15)
+            for member in self.family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if member.is_running() and member.status() != psutil.STATUS_ZOMBIE:
+                        member.kill()
+        finally:
+            self._log.close()
+
+
+def _token(secret: str, user: str, ttl: int) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, secret, algorithm="HS256")
+
+
+def _seed_user(base_url: str, token: str, user: str, count: int) -> list[str]:
+    """Create `count` tasks for one user through the API; their ids."""
+    ids = []
+    with httpx.Client(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30.0,
+        trust_env=False,
+    ) as client:
+        for i in range(count):
+            body: dict[str, object] = {
+                "title": f"Seeded task {i} of {user}",
+                "priority": ("low", "medium", "high")[i % 3],
+                "tags": ["bench", f"tag{i % 7}"],
+            }
+            if i % 4 == 0:
+                body["due_date"] = f"2027-{1 + i % 12:02d}-{1 + i % 28:02d}"
+            response = client.post("/tasks", json=body)
+            if response.status_code != 201:
+                raise RuntimeError(
+                    f"seeding: POST /tasks answered {response.status_code}: {response.text[:300]}"
+                )
+            ids.append(str(response.json()["id"]))
+    return ids
+
+
+def seed_through_api(
+    base_url: str, url: str, secret: str, options: Options, ttl: int
+) -> list[tuple[str, str, str]]:
+    """options.users users with options.tasks_per_user tasks each, created by POST /tasks
+    from a pool of threads; every task is a target: (user, token, task_id)."""
+    users = [f"bench-user-{i}" for i in range(options.users)]
+    tokens = {user: _token(secret, user, ttl) for user in users}
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=min(16, len(users))) as pool:
+        futures = {
+            user: pool.submit(_seed_user, base_url, tokens[user], user, options.tasks_per_user)
+            for user in users
+        }
+        try:
+            targets = [
+                (user, tokens[user], task_id)
+                for user, future in futures.items()
+                for task_id in future.result(timeout=600)
+            ]
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # only the users under way finish
+            raise
+    seconds = time.monotonic() - started
+    print(
+        f"seeded {len(targets):,} tasks of {len(users):,} users through the API in {seconds:.1f} s"
+        f" ({len(targets) / seconds:,.0f} creates/s)",
+        flush=True,
+    )
+    return targets
+
+
+def generated_targets(url: str, secret: str, count: int, ttl: int) -> list[tuple[str, str, str]]:
+    """`count` random live tasks of the generated data set, with their users' tokens."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT user_id, task_id::text FROM tasks WHERE NOT deleted ORDER BY random() LIMIT %s",
+            (count,),
+        ).fetchall()
+    tokens: dict[str, str] = {}
+    return [
+        (user, tokens.setdefault(user, _token(secret, user, ttl)), task_id)
+        for user, task_id in rows
+    ]
+
+
+def save_targets(url: str, targets: list[tuple[str, str, str]], path: Path) -> None:
+    """The wrk scripts' `token task_id` file and pgbench's bench_targets table."""
+    path.write_text("".join(f"{token} {task_id}\n" for _, token, task_id in targets))
+    with psycopg.connect(url) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_targets")
+        conn.execute(
+            "CREATE TABLE bench_targets (n integer PRIMARY KEY, user_id text NOT NULL,"
+            " task_id uuid NOT NULL)"
+        )
+        with conn.cursor().copy("COPY bench_targets (n, user_id, task_id) FROM STDIN") as copy:
+            for n, (user, _, task_id) in enumerate(targets, start=1):
+                copy.write_row((n, user, task_id))
+
+
+def data_set(url: str, how: str) -> DataSet:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(DISTINCT user_id), count(*) FROM tasks").fetchone()
+        users, tasks = row or (0, 0)
+        events = (conn.execute("SELECT count(*) FROM events").fetchone() or (0,))[0]
+    return DataSet(users=users, tasks=tasks, events=events, how=how)
+
+
+def run_wrk(
+    name: str, base_url: str, folder: Path, targets_path: Path, options: Options, seconds: int
+) -> Scenario:
+    weights = ", ".join(f'{{"{kind}", {share}}}' for kind, share in SCENARIOS[name].items())
+    script = folder / f"{name}.lua"
+    script.write_text(_LUA.replace("@TARGETS@", str(targets_path)).replace("@WEIGHTS@", weights))
+    done = subprocess.run(
+        ["wrk", "-t", str(options.threads), "-c", str(options.connections),
+         "-d", f"{seconds}s", "--timeout", "10s", "-s", str(script), base_url],
+        capture_output=True, text=True, timeout=seconds + 60, check=False,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    r = json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+    kinds = ("connect", "read", "write", "status", "timeout")
+    errors = sum(int(r[kind]) for kind in kinds)
+    detail = ", ".join(f"{r[kind]:.0f} {kind}" for kind in kinds if r[kind])
+    return Scenario(
+        name=name,
+        requests=int(r["requests"]),
+        seconds=r["duration_us"] / 1e6,
+        errors=errors,
+        error_detail=detail,
+        p50_ms=r["p50_us"] / 1000,
+        p95_ms=r["p95_us"] / 1000,
+        p99_ms=r["p99_us"] / 1000,
+        max_ms=r["max_us"] / 1000,
+    )
+
+
+def run_pgbench(name: str, url: str, script: Path, options: Options) -> PgbenchResult:
+    seconds = options.duration
+    done = subprocess.run(
+        ["pgbench", "-n", "-M", "prepared", "-c", str(options.connections), "-j", "2",
+         "-T", str(seconds), "-f", str(script), url],
+        capture_output=True, text=True, timeout=seconds + 120, check=False,
+        env={**os.environ, "PGOPTIONS": "-c TimeZone=UTC"},
+    )  # fmt: skip
+    out = done.stdout
+    tps = re.search(r"^tps = ([\d.]+)", out, re.M)
+    if done.returncode != 0 or tps is None:
+        raise RuntimeError(f"pgbench failed ({done.returncode}):\n{out}\n{done.stderr}")
+    latency = re.search(r"^latency average = ([\d.]+) ms", out, re.M)
+    failed = re.search(r"^number of failed transactions: (\d+)", out, re.M)
+    processed = re.search(r"^number of transactions actually processed: (\d+)", out, re.M)
+    return PgbenchResult(
+        name=name,
+        tps=float(tps.group(1)),
+        latency_ms=float(latency.group(1)) if latency else float("nan"),
+        failed=int(failed.group(1)) if failed else 0,
+        transactions=int(processed.group(1)) if processed else 0,
+    )
+
+
+def explain(url: str, user_id: str, task_id: str) -> dict[str, str]:
+    plans = {}
+    with psycopg.connect(url, options="-c TimeZone=UTC") as conn:
+        for name, sql in explained_queries().items():
+            rows = conn.execute(
+                "EXPLAIN (ANALYZE, BUFFERS) " + sql, {"user_id": user_id, "task_id": task_id}
+            ).fetchall()
+            plans[name] = "\n".join(str(row[0]) for row in rows)
+    return plans
+
+
+def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStack) -> Run:
+    url = fresh_database(server_url)
+    cleanup.callback(drop_database, server_url, url)
+    db.migrate(url)
+    secret = secrets.token_hex(32)
+    ttl = 6 * 3600
+    if options.big:
+        print(
+            f"generating {options.events:,} events of {options.tasks:,} tasks"
+            f" of {options.users:,} users ...",
+            flush=True,
+        )
+        generate_s, _ = run_cli(
+            url, "generate", "--users", str(options.users), "--tasks", str(options.tasks),
+            "--events", str(options.events), "--quiet",
+        )  # fmt: skip
+        print(f"generated in {generate_s:.0f} s; rebuilding the projection ...", flush=True)
+        rebuild_s, line = run_cli(url, "rebuild", "--quiet")
+        print(f"{line}", flush=True)
+        how = (
+            f"`todo-cqrs generate` ({generate_s:.0f} s) and `todo-cqrs rebuild` ({rebuild_s:.0f} s)"
+        )
+    serve = Serve(
+        _service_env(
+            DATABASE_URL=url,
+            TODO_JWT_SECRET=secret,
+            TODO_DATA_DIR=str(folder / "data"),
+            TODO_LOG_LEVEL=options.log_level,
+        ),
+        folder / "serve.log",
+        options.workers,
+    )
+    cleanup.callback(serve.stop)
+    serve.wait_ready()
+    print(f"serve --workers {options.workers} is ready at {serve.url}", flush=True)
+    if options.big:
+        targets = generated_targets(url, secret, options.targets, ttl)
+    else:
+        targets = seed_through_api(serve.url, url, secret, options, ttl)
+        how = "`POST /tasks` through the API"
+    targets_path = folder / "targets.txt"
+    save_targets(url, targets, targets_path)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        server_version = str((conn.execute("SHOW server_version").fetchone() or ("?",))[0])
+    run = Run(options=options, data=data_set(url, how), server_version=server_version)
+    print(
+        f"data set: {run.data.users:,} users, {run.data.tasks:,} tasks, {run.data.events:,} events;"
+        f" {len(targets):,} targets",
+        flush=True,
+    )
+    if options.warmup:
+        print(f"warm-up: {options.warmup} s of the mixed scenario", flush=True)
+        run_wrk("mixed", serve.url, folder, targets_path, options, options.warmup)
+    for name in SCENARIOS:
+        scenario = run_wrk(name, serve.url, folder, targets_path, options, options.duration)
+        run.scenarios.append(scenario)
+        print(
+            f"{name:>8}: {scenario.rate:8,.0f} requests/s  p50 {scenario.p50_ms:6.1f} ms"
+            f"  p95 {scenario.p95_ms:6.1f} ms  p99 {scenario.p99_ms:6.1f} ms"
+            f"  errors {scenario.errors}{f' ({scenario.error_detail})' if scenario.errors else ''}",
+            flush=True,
+        )
+        if serve.process.poll() is not None:
+            raise RuntimeError(f"serve exited during {name}:\n{serve.tail()}")
+    run.worker_rss_mb = [w.memory_info().rss / 2**20 for w in serve.workers()]
+    print("worker RSS: " + ", ".join(f"{mb:.0f} MB" for mb in run.worker_rss_mb), flush=True)
+    serve.stop()  # the database alone for pgbench
+    if any(s.errors for s in run.scenarios):
+        print(f"(some requests failed; the service's log is {serve.log_path})", flush=True)
+    for name, text in pgbench_scripts(len(targets)).items():
+        script = folder / f"pgbench-{name}.sql"
+        script.write_text(text)
+        result = run_pgbench(name, url, script, options)
+        run.pgbench[name] = result
+        print(
+            f"pgbench {name}: {result.tps:,.0f} tps, {result.latency_ms:.2f} ms average,"
+            f" {result.failed} failed",
+            flush=True,
+        )
+    if options.big:
+        user_id, _, task_id = targets[0]
+        run.plans = explain(url, user_id, task_id)
+    if options.smoke:
+        # pgbench's command script must do what a PATCH does: the projection still equals
+        # a replay of the events (cheap on a smoke run's data set).
+        _, line = run_cli(url, "rebuild", "--check", "--quiet")
+        print(f"after pgbench: {line}", flush=True)
+    return run
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def ceiling(run: Run, name: str) -> float:
+    """The pgbench transactions/s that a scenario is compared with: the command script for
+    commands, the list script for reads, their 20/80 blend (harmonic) for the mixed one."""
+    command, listing = run.pgbench["command"].tps, run.pgbench["list"].tps
+    shares = SCENARIOS[name]
+    writes = sum(share for kind, share in shares.items() if kind in COMMAND_KINDS) / 100
+    if writes == 1:
+        return command
+    if writes == 0:
+        return listing
+    return 1 / (writes / command + (1 - writes) / listing)
+
+
+def report(run: Run) -> str:
+    o, d = run.options, run.data
+    rows = []
+    for s in run.scenarios:
+        limit = ceiling(run, s.name)
+        rows.append(
+            f"| {s.name} | {s.rate:,.0f} | {s.p50_ms:.1f} | {s.p95_ms:.1f} | {s.p99_ms:.1f}"
+            f" | {s.errors}{f' ({s.error_detail})' if s.errors else ''}"
+            f" | {limit:,.0f} | {s.rate / limit:.0%} |"
+        )
+    pg_rows = [
+        f"| {p.name} | {p.tps:,.0f} | {p.latency_ms:.2f} | {p.failed} |"
+        for p in run.pgbench.values()
+    ]
+    by_name = {s.name: s for s in run.scenarios}
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    error_total = sum(s.errors for s in run.scenarios)
+    worst_p99 = max(run.scenarios, key=lambda s: s.p99_ms)
+
+    def ratio_line(names: tuple[str, ...], script: str, target: float) -> str:
+        parts = [f"{n} {by_name[n].rate / ceiling(run, n):.0%}" for n in names]
+        ok = all(by_name[n].rate / ceiling(run, n) >= target for n in names)
+        return (
+            f"- {' and '.join(names)} at ≥{target:.0%} of the pgbench {script} script:"
+            f" {', '.join(parts)}: {verdict(ok)}"
+        )
+
+    rss = ", ".join(f"{mb:.0f} MB" for mb in run.worker_rss_mb)
+    targets = "\n".join(
+        [
+            f"- Zero errors: {error_total} in all: {verdict(error_total == 0)}",
+            f"- p99 under 50 ms in every scenario: the worst is {worst_p99.name}"
+            f" at {worst_p99.p99_ms:.1f} ms: {verdict(worst_p99.p99_ms < 50)}",
+            ratio_line(("create", "patch"), "command", 0.5),
+            ratio_line(("get", "list"), "list", 0.4),
+            f"- RSS under 80 MB per worker: {rss}: "
+            + verdict(all(mb < 80 for mb in run.worker_rss_mb)),
+        ]
+    )
+    plans = ""
+    if run.plans:
+        plans = "\n### Query plans on this data set\n\n`EXPLAIN (ANALYZE, BUFFERS)` of the read" \
+            " statements, for one target task after the run:\n" + "".join(
+            f"\n{name}:\n\n```\n{plan}\n```\n" for name, plan in run.plans.items()
+        )  # fmt: skip
+    pool = os.environ.get("TODO_POOL_MAX", "10")
+    picks = o.targets if o.big else d.tasks
+    return f"""
+- Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}.
+- Versions: Python {platform.python_version()}, PostgreSQL {run.server_version},
+  litestar {_version("litestar")}, uvicorn {_version("uvicorn")}, psycopg {_version("psycopg")},
+  todo-cqrs {__version__}. Service, PostgreSQL, wrk and pgbench share the machine (loopback).
+- Service: `todo-cqrs serve --workers {o.workers}`, {pool} pool connections per worker,
+  log level {o.log_level} (one JSON line per request, to a file).
+- Load: wrk, {o.connections} connections on {o.threads} threads, {o.duration} s per scenario
+  after a {o.warmup} s warm-up; each request picks one of {picks:,} (user token, task) at random.
+- Data set: {d.users:,} users, {d.tasks:,} tasks, {d.events:,} events, made by {d.how}.
+- Errors are wrk's: answers of status 400 or more, socket errors and timeouts.
+  Latencies in ms. Mixed: get 40 %, list 20 %, history 20 %, create 10 %, patch 10 %.
+
+| scenario | requests/s | p50 | p95 | p99 | errors | DB ceiling (tps) | share of it |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+The ceiling: `pgbench -M prepared -c {o.connections} -j 2 -T {o.duration}` straight at the same
+database (the service stopped), running the statements that the service sends: `command` is a
+PATCH that renames a task (BEGIN, the user's advisory lock and clock, the row read, the
+projection upsert, the event insert, pg_notify, COMMIT), `list` is the list query (LIMIT 51).
+Each transaction first reads a random target from `bench_targets` (one primary-key read), so
+the ceiling is a little lower than the statements' alone. Commands are compared with the
+command script, reads with the list script, mixed with their 20/80 blend.
+
+| pgbench script | tps | latency average (ms) | failed |
+| --- | --- | --- | --- |
+{chr(10).join(pg_rows)}
+
+Resident memory (RSS) of each worker after the run: {rss}.
+
+Targets (issue 6):
+
+{targets}
+{plans}"""
+
+
+def api_main(args: argparse.Namespace) -> None:
+    if args.smoke:
+        duration, warmup = args.duration or 1, 0
+        users = args.users or (50 if args.big else 4)
+        tasks_per_user = args.tasks_per_user or 52
+    else:
+        duration, warmup = args.duration or 15, args.warmup
+        users = args.users or (10_000 if args.big else 200)
+        tasks_per_user = args.tasks_per_user or 60
+    options = Options(
+        workers=args.workers,
+        connections=args.connections,
+        threads=args.threads,
+        duration=duration,
+        warmup=warmup,
+        users=users,
+        tasks_per_user=tasks_per_user,
+        big=args.big,
+        tasks=args.tasks,
+        events=args.events,
+        targets=args.targets,
+        smoke=args.smoke,
+        log_level=args.log_level,
+    )
+    for tool in ("wrk", "pgbench"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not on PATH (`nox -s bench` installs it)")
+    # A SIGTERM (a CI job cancelled) unwinds like Ctrl-C, so every process is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with ExitStack() as cleanup:
+        folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="todo-bench-")))
+        server_url = os.environ.get("BENCH_DATABASE_URL")
+        if not server_url:
+            pg_folder = folder / "postgres"
+            cleanup.callback(db.stop_embedded, pg_folder)
+            server_url = db.start_embedded(pg_folder)
+        run = bench_api(server_url, options, folder, cleanup)
+    body = report(run)
+    if options.smoke:
+        print(body)
+        print("smoke run: BENCHMARKS.md left as it was")
+        return
+    write_section("HTTP API on the big data set" if options.big else "HTTP API", body)
+    print(body)
+    print(f"written to {REPORT}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m todo_cqrs.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -139,7 +863,24 @@ def main() -> None:
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--tasks", type=int, default=1_000_000)
     p.add_argument("--events", type=int, default=5_000_000)
+    p = sub.add_parser("api", help="the HTTP API under wrk, against pgbench's ceiling")
+    p.add_argument("--workers", type=int, default=2, help="serve --workers (default 2)")
+    p.add_argument("--connections", type=int, default=32, help="wrk and pgbench (default 32)")
+    p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    p.add_argument("--duration", type=int, help="seconds per scenario (default 15; smoke 1)")
+    p.add_argument("--warmup", type=int, default=3, help="seconds of warm-up (default 3)")
+    p.add_argument("--users", type=int, help="users (default 200; --big 10,000; smoke 4)")
+    p.add_argument("--tasks-per-user", type=int, help="tasks seeded per user (default 60)")
+    p.add_argument("--big", action="store_true", help="a generated data set, not seeded")
+    p.add_argument("--tasks", type=int, default=1_000_000, help="--big: tasks (1,000,000)")
+    p.add_argument("--events", type=int, default=5_000_000, help="--big: events (5,000,000)")
+    p.add_argument("--targets", type=int, default=5_000, help="--big: tasks the load picks from")
+    p.add_argument("--smoke", action="store_true", help="1 s per scenario; BENCHMARKS.md untouched")
+    p.add_argument("--log-level", default="INFO", help="TODO_LOG_LEVEL of serve (default INFO)")
     args = parser.parse_args()
+    if args.what == "api":
+        api_main(args)
+        return
     server_url = os.environ.get("BENCH_DATABASE_URL")
     if server_url:
         bench_rebuild(server_url, args.users, args.tasks, args.events)
