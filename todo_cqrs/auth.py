@@ -38,6 +38,7 @@ from todo_cqrs.config import Settings
 log = logging.getLogger("todo_cqrs.auth")
 
 LEEWAY = 30  # seconds, for exp, nbf and iat
+VERIFIED_CACHE_SIZE = 10_000  # tokens whose verified claims are kept a while
 ASYMMETRIC = frozenset({"EdDSA", "RS256", "ES256"})
 MIN_RSA_BITS = 2048
 FETCH_TIMEOUT = 5.0
@@ -299,6 +300,10 @@ class Verifier:
         self.algorithms = frozenset(k.algorithm for k in self.static)
         if jwks_file is not None or jwks_url is not None:
             self.algorithms |= ASYMMETRIC
+        # Tokens verified lately, with the time until which their claims may be reused:
+        # a client sends the same token many times, and a signature check is a tenth of a
+        # request's work. Bounded in size, and in time (a minute, or the token's expiry).
+        self.verified: dict[str, tuple[dict[str, Any], float]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Verifier:
@@ -352,6 +357,16 @@ class Verifier:
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The token's claims; raises InvalidToken or KeysUnavailable."""
+        now = time.time()
+        if (known := self.verified.get(token)) is not None and now < known[1]:
+            return known[0]
+        claims = await self._verify_claims(token)
+        if len(self.verified) >= VERIFIED_CACHE_SIZE:
+            del self.verified[next(iter(self.verified))]  # the oldest
+        self.verified[token] = (claims, min(now + 60, float(claims["exp"]) + LEEWAY))
+        return claims
+
+    async def _verify_claims(self, token: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
             algorithm, kid = header.get("alg"), header.get("kid")
