@@ -92,7 +92,7 @@ async def execute(
         request_id=request_id, idempotency_key=idempotency.key if idempotency else None
     )
     # Pipeline mode: statements go out without waiting for each other's answers, so the
-    # whole command costs three round trips (BEGIN and the lock; the row; the writes and
+    # whole command costs two round trips (BEGIN, the lock and the row; the writes and
     # COMMIT) instead of seven.
     async with pool.connection() as conn, conn.pipeline(), conn.transaction():
         if idempotency is None:
@@ -153,9 +153,12 @@ async def _run(
 ) -> Answer:
     if isinstance(command, Problem):
         raise command  # a request refused before it became a command; stored all the same
-    now = await eventstore.lock_user(conn, user_id)
+    # The lock and the row read go out together (one round trip): the read runs, and takes
+    # its snapshot, only once the lock is held, so it sees the previous command's commit.
+    lock = await eventstore.request_user_lock(conn, user_id)
     creating = isinstance(command, CreateTask)
     state = None if creating else await projection.load_task(conn, user_id, task_id)
+    now = await eventstore.lock_user_clock(lock)
     if not creating:
         # A deleted task is gone for every command but restore, whatever If-Match says.
         if state is None or (state.deleted and not isinstance(command, RestoreTask)):

@@ -185,11 +185,21 @@ async def lock_user(conn: Conn, user_id: str) -> datetime:
     `position > P` never steps over an event that commits later. The time is read after
     the wait, so a task's events never go back in time.
     """
-    cur = await conn.execute(
+    return await lock_user_clock(await request_user_lock(conn, user_id))
+
+
+async def request_user_lock(conn: Conn, user_id: str) -> psycopg.AsyncCursor[Any]:
+    """`lock_user` in two halves, for pipeline mode: send the request now, and read the
+    clock (`lock_user_clock`) after queueing the statements that must run under the lock.
+    Each statement after it still takes its snapshot once the lock is held."""
+    return await conn.execute(
         "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)))"
         " SELECT clock_timestamp() FROM locked",
         (user_id,),
     )
+
+
+async def lock_user_clock(cur: psycopg.AsyncCursor[Any]) -> datetime:
     row = await cur.fetchone()
     assert row is not None
     now: datetime = row[0]
