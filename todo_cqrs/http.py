@@ -285,24 +285,15 @@ def _on_problem(_: Request[Any, Any, Any], exc: Problem) -> Response[ProblemBody
     return problem_response(exc)
 
 
-_MSGSPEC_PATH = re.compile(r"`\$\.([A-Za-z_]+)")
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
-
-
 def _field_errors(exc: HTTPException) -> list[FieldError] | None:
-    """Litestar's validation details as the contract's {field, message} list."""
+    """Litestar's validation details (of query parameters) as the contract's field list."""
     if not isinstance(exc.extra, list):
         return None
-    errors = []
-    for item in exc.extra:
-        if not isinstance(item, dict):
-            continue
-        message = str(item.get("message", ""))
-        field = str(item.get("key", ""))
-        if field == "data":  # a body field: msgspec names it in the message
-            found = _MSGSPEC_PATH.search(message) or _UNKNOWN_FIELD.search(message)
-            field = found.group(1) if found else "body"
-        errors.append(FieldError(field=field, message=message))
+    errors = [
+        FieldError(field=str(item.get("key", "")), message=str(item.get("message", "")))
+        for item in exc.extra
+        if isinstance(item, dict)
+    ]
     return errors or None
 
 
