@@ -27,6 +27,7 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    ignored_auth,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -38,9 +39,10 @@ from todo_cqrs.http import create_app, mint_token
 SEED = 20261122
 EXAMPLES = 100
 
-# No server error, and conformance to the document.
+# No server error, conformance to the document, and the declared bearer auth enforced.
 CHECKS = [
     not_a_server_error,
+    ignored_auth,
     status_code_conformance,
     content_type_conformance,
     response_schema_conformance,

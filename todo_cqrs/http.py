@@ -29,6 +29,7 @@ from litestar.exceptions import HTTPException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.types import (
@@ -626,13 +627,13 @@ class Health(msgspec.Struct):
     status: str
 
 
-@get("/health", exclude_from_auth=True)
+@get("/health", exclude_from_auth=True, security=[{}])
 async def health() -> Health:
     """200 while the process is up."""
     return Health(status="ok")
 
 
-@get("/ready", exclude_from_auth=True, responses={503: _ERRORS[503]})
+@get("/ready", exclude_from_auth=True, security=[{}], responses={503: _ERRORS[503]})
 async def ready(request: Request[Any, Any, Any]) -> Health:
     """200 when the database answers and every migration is applied."""
     pool: AsyncConnectionPool = request.app.state.pool
@@ -724,7 +725,17 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
         },
         lifespan=[lifespan],
         request_max_body_size=MAX_BODY,
-        openapi_config=OpenAPIConfig(title="todo-cqrs", version=__version__, path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="todo-cqrs",
+            version=__version__,
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")
+                }
+            ),
+            security=[{"bearer": []}],
+        ),
         state=State(
             {
                 "settings": settings,
