@@ -8,17 +8,14 @@ Tests are isolated by user: each test's users are new, random ids.
 from __future__ import annotations
 
 import os
-import secrets
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from litestar.testing import TestClient
-from psycopg.conninfo import make_conninfo
 
 from todo_cqrs import db
 from todo_cqrs.config import Settings
@@ -43,14 +40,22 @@ def server_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A new database for this run, migrated."""
-    name = f"todo_cqrs_test_{secrets.token_hex(4)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(server_url, dbname=name)
+    url = db.create_database(server_url, "todo_cqrs_test")
     db.migrate(url)
     yield url
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    db.drop_database(server_url, url)
+
+
+def assert_problem(response: Any, status: int) -> dict[str, Any]:
+    """The answer is a problem+json body of this status, with its required members."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert isinstance(body["type"], str) and body["type"]
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
 
 
 @pytest.fixture(scope="session")

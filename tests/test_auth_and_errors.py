@@ -12,7 +12,7 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import JWT_SECRET
+from conftest import JWT_SECRET, assert_problem
 from prometheus_client.parser import text_string_to_metric_families
 
 REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -25,19 +25,6 @@ def token(claims: dict[str, Any], key: str | None = JWT_SECRET, algorithm: str =
 def fresh_claims(**extra: Any) -> dict[str, Any]:
     now = int(time.time())
     return {"sub": f"user-{uuid.uuid4()}", "iat": now, "exp": now + 600, **extra}
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert isinstance(body["type"], str) and body["type"]
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    assert set(body) <= {"type", "title", "status", "detail", "errors"}
-    assert "Traceback" not in response.text
-    return body
 
 
 def error_fields(response: Any) -> set[str]:

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from conftest import assert_problem
 
 TASK_KEYS = {
     "id",
@@ -46,17 +47,6 @@ def list_ids(api: Any) -> list[str]:
     response = api.get("/tasks", params={"limit": 200})
     assert response.status_code == 200, response.text
     return [task["id"] for task in response.json()["items"]]
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert isinstance(body["type"], str) and body["type"]
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str)
-    return body
 
 
 # --- POST /tasks ------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -36,7 +35,6 @@ from helpers import (
     wait_postgres_stopped,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from psycopg.conninfo import make_conninfo
 
 from todo_cqrs import db
 
@@ -401,19 +399,15 @@ def test_embedded_postgres_stops_with_a_graceful_stop(home: Path) -> None:
 @pytest.fixture
 def new_database(server_url: str) -> Iterator[Callable[[], str]]:
     """Makes empty databases on the test server; drops them afterwards."""
-    names: list[str] = []
+    urls: list[str] = []
 
     def make() -> str:
-        name = f"todo_cqrs_migrate_{secrets.token_hex(4)}"
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        names.append(name)
-        return make_conninfo(server_url, dbname=name)
+        urls.append(db.create_database(server_url, "todo_cqrs_migrate"))
+        return urls[-1]
 
     yield make
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        for name in names:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    for url in urls:
+        db.drop_database(server_url, url)
 
 
 def schema_of(url: str) -> tuple[list[str], list[str]]:

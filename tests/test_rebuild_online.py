@@ -19,7 +19,6 @@ import psycopg
 import pytest
 from conftest import JWT_SECRET
 from helpers import CLI, ServeProcess, http_client, run_cli, service_env
-from psycopg.conninfo import make_conninfo
 
 from todo_cqrs import dataset, db
 from todo_cqrs.http import mint_token
@@ -31,17 +30,13 @@ USERS, TASKS, EVENTS = 200, 60_000, 300_000
 @pytest.fixture(scope="module")
 def rebuild_url(server_url: str) -> Iterator[str]:
     """A fresh database holding the generated data set and its projection."""
-    name = f"todo_cqrs_rebuild_{secrets.token_hex(4)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(server_url, dbname=name)
+    url = db.create_database(server_url, "todo_cqrs_rebuild")
     db.migrate(url)
     dataset.generate(url, users=USERS, tasks=TASKS, events=EVENTS)
     done = run_cli("rebuild", "--quiet", env=service_env(DATABASE_URL=url), timeout=120)
     assert done.returncode == 0, done.stderr
     yield url
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    db.drop_database(server_url, url)
 
 
 def projection_digest(url: str, user_id: str | None = None) -> str:

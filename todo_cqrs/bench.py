@@ -37,7 +37,6 @@ import httpx
 import jwt
 import psutil
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from todo_cqrs import __version__, db, eventstore, projection
 
@@ -73,20 +72,6 @@ def write_section(name: str, body: str) -> None:
     REPORT.write_text(text)
 
 
-def fresh_database(server_url: str) -> str:
-    name = f"todo_cqrs_bench_{os.getpid()}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return make_conninfo(server_url, dbname=name)
-
-
-def drop_database(server_url: str, url: str) -> None:
-    name = conninfo_to_dict(url)["dbname"]
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def run_cli(url: str, *args: str) -> tuple[float, str]:
     """Run `todo-cqrs ARGS` against url; return (seconds, its last output line)."""
     started = time.monotonic()
@@ -101,7 +86,7 @@ def run_cli(url: str, *args: str) -> tuple[float, str]:
 
 
 def bench_rebuild(server_url: str, users: int, tasks: int, events: int) -> None:
-    url = fresh_database(server_url)
+    url = db.create_database(server_url, "todo_cqrs_bench")
     try:
         db.migrate(url)
         print(f"generating {events:,} events of {tasks:,} tasks of {users:,} users ...", flush=True)
@@ -120,7 +105,7 @@ def bench_rebuild(server_url: str, users: int, tasks: int, events: int) -> None:
         rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         check_s, check_line = run_cli(url, "rebuild", "--check", "--quiet")
     finally:
-        drop_database(server_url, url)
+        db.drop_database(server_url, url)
     best = min(seconds for seconds, _ in runs)
     rows = "\n".join(
         f"| {i} | {s:.1f} s | {events / s:,.0f} | `{line}` |" for i, (s, line) in enumerate(runs, 1)
@@ -612,8 +597,8 @@ def explain(url: str, user_id: str, task_id: str) -> dict[str, str]:
 
 
 def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStack) -> Run:
-    url = fresh_database(server_url)
-    cleanup.callback(drop_database, server_url, url)
+    url = db.create_database(server_url, "todo_cqrs_bench")
+    cleanup.callback(db.drop_database, server_url, url)
     db.migrate(url)
     secret = secrets.token_hex(32)
     ttl = 6 * 3600

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("todo_cqrs.db")
@@ -108,6 +109,21 @@ def migrate(url: str) -> list[str]:
             return [m.id for m in pending]
         finally:
             lock_conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+def create_database(server_url: str, prefix: str) -> str:
+    """A new, empty database on the server that server_url reaches (for tests and
+    benchmarks); its URL."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_conninfo(server_url, dbname=name)
+
+
+def drop_database(server_url: str, url: str) -> None:
+    name = conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def pending_migrations(conn: psycopg.AsyncConnection[Any]) -> list[str]:
