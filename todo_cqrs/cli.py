@@ -127,9 +127,11 @@ async def _event_count(url: str, user: str | None) -> int | None:
     async with await psycopg.AsyncConnection.connect(url) as conn:
         if user is not None:
             cur = await conn.execute("SELECT count(*) FROM events WHERE user_id = %s", (user,))
-        else:  # the planner's estimate: counting millions of rows just for a bar is waste
+        else:  # the planner's estimate, if it has one: counting millions of rows costs
             cur = await conn.execute(
-                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'events'::regclass"
+                "SELECT CASE WHEN reltuples > 0 THEN reltuples::bigint"
+                " ELSE (SELECT count(*) FROM events) END"
+                " FROM pg_class WHERE oid = 'events'::regclass"
             )
         row = await cur.fetchone()
     return int(row[0]) if row and row[0] > 0 else None
