@@ -1,0 +1,122 @@
+"""Scaling out (the first steps of issue 7): a stateless service tier, and a schema that
+Citus can distribute by user."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+from conftest import JWT_SECRET
+from helpers import (
+    ServeProcess,
+    differences,
+    event_streams,
+    fold_streams,
+    http_client,
+    projection_rows,
+    service_env,
+    version_gaps,
+)
+
+from todo_cqrs.http import mint_token
+
+
+def test_two_servers_on_one_database_keep_every_guarantee(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = service_env(DATABASE_URL=database_url, TODO_JWT_SECRET=JWT_SECRET, TMPDIR=str(tmp_path))
+    user = f"tier-{secrets.token_hex(4)}"
+    token = mint_token(JWT_SECRET, user)
+    with (
+        ServeProcess(env, tmp_path, tmp_path / "a.log") as a,
+        ServeProcess(env, tmp_path, tmp_path / "b.log") as b,
+    ):
+        with http_client(a.url, token) as client:
+            tasks = [client.post("/tasks", json={"title": f"t{i}"}).json()["id"] for i in range(3)]
+        outcomes: Counter[int] = Counter()
+        lock = threading.Lock()
+
+        def racer(n: int) -> None:
+            # Each client alternates between the two servers, request by request.
+            with http_client(a.url, token) as on_a, http_client(b.url, token) as on_b:
+                for round_ in range(6):
+                    client = on_a if (n + round_) % 2 else on_b
+                    task_id = tasks[(n + round_) % 3]
+                    seen = client.get(f"/tasks/{task_id}")
+                    other = on_b if client is on_a else on_a
+                    r = other.patch(
+                        f"/tasks/{task_id}",
+                        json={"title": f"{n}.{round_}"},
+                        headers={"If-Match": seen.headers["etag"]},
+                    )
+                    assert r.status_code in (200, 412), r.text
+                    with lock:
+                        outcomes[r.status_code] += 1
+
+        with ThreadPoolExecutor(20) as pool:
+            list(pool.map(racer, range(20)))
+
+        # One Idempotency-Key sent to both servers at once creates one task.
+        key = f"tier-key-{secrets.token_hex(4)}"
+
+        def create(n: int) -> int:
+            with http_client((a, b)[n % 2].url, token) as client:
+                r = client.post("/tasks", json={"title": "once"}, headers={"Idempotency-Key": key})
+                return r.status_code
+
+        with ThreadPoolExecutor(10) as pool:
+            statuses = list(pool.map(create, range(10)))
+        assert set(statuses) <= {201, 409} and 201 in statuses
+
+    assert outcomes[200] > 0 and outcomes[412] > 0
+    with psycopg.connect(database_url) as conn:
+        streams = event_streams(conn, user)
+        rows = projection_rows(conn, user)
+        created_once = conn.execute(
+            "SELECT count(*) FROM events WHERE user_id = %s AND idempotency_key = %s",
+            (user, key),
+        ).fetchone()
+    assert created_once == (1,)
+    assert version_gaps(streams) == {}
+    assert differences(rows, fold_streams(streams)) == {}
+    # every successful PATCH is one event past the creation
+    assert (
+        sum(len(events) - 1 for key_, events in streams.items() if str(key_[1]) in tasks)
+        == (outcomes[200])
+    )
+
+
+def test_every_key_of_every_table_starts_with_user_id(database_url: str) -> None:
+    """Citus distributes a table by a column that every primary key and unique constraint
+    must contain; ours all start with user_id (yoyo's own bookkeeping tables aside)."""
+    with psycopg.connect(database_url) as conn:
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                " AND tablename NOT LIKE '%%yoyo%%' ORDER BY 1"
+            )
+        ]
+        keys = conn.execute(
+            "SELECT c.conrelid::regclass::text, c.conname, c.contype,"
+            " (SELECT array_agg(a.attname ORDER BY k.i) FROM unnest(c.conkey)"
+            "  WITH ORDINALITY AS k(attnum, i)"
+            "  JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum)"
+            " FROM pg_constraint c WHERE c.contype IN ('p', 'u')"
+            " AND c.conrelid::regclass::text = ANY(%s)",
+            (tables,),
+        ).fetchall()
+    assert tables == ["events", "idempotency_keys", "tasks"]
+    assert {table for table, _, kind, _ in keys if kind == "p"} == set(tables)
+    for table, name, _, columns in keys:
+        assert columns[0] == "user_id", f"{table}.{name} is keyed by {columns}"
+
+
+def test_the_citus_script_distributes_every_table() -> None:
+    script = (Path(__file__).parent.parent / "sql" / "citus" / "distribute.sql").read_text()
+    for table in ("events", "tasks", "idempotency_keys"):
+        assert f"create_distributed_table('{table}', 'user_id'" in script
