@@ -248,6 +248,17 @@ def version_gaps(streams: Mapping[Key, list[Recorded]]) -> dict[Key, list[int]]:
     }
 
 
+def assert_projection_is_the_fold(database_url: str, user: str) -> dict[Key, list[Recorded]]:
+    """The user's streams hold versions 1..N and their rows equal the fold; the streams."""
+    with psycopg.connect(database_url) as conn:
+        streams = event_streams(conn, user)
+        rows = projection_rows(conn, user)
+    assert streams, "no events at all"
+    assert version_gaps(streams) == {}
+    assert differences(rows, fold_streams(streams)) == {}
+    return streams
+
+
 def differences(rows: Mapping[Key, Task], folds: Mapping[Key, Task | None]) -> dict[Key, str]:
     """Each task whose row is not the fold of its events (a row missing, a row without
     events, or different fields), with what differs."""

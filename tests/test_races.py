@@ -22,16 +22,7 @@ import httpx
 import psycopg
 import pytest
 from conftest import JWT_SECRET
-from helpers import (
-    ServeProcess,
-    differences,
-    event_streams,
-    fold_streams,
-    http_client,
-    projection_rows,
-    service_env,
-    version_gaps,
-)
+from helpers import ServeProcess, assert_projection_is_the_fold, http_client, service_env
 
 from todo_cqrs.http import mint_token
 
@@ -41,15 +32,6 @@ def serve(database_url: str, tmp_path: Path) -> Iterator[ServeProcess]:
     env = service_env(DATABASE_URL=database_url, TODO_JWT_SECRET=JWT_SECRET, TMPDIR=str(tmp_path))
     with ServeProcess(env, tmp_path, tmp_path / "serve.log", workers=2) as process:
         yield process
-
-
-def assert_projection_is_the_fold(database_url: str, user: str) -> None:
-    with psycopg.connect(database_url) as conn:
-        streams = event_streams(conn, user)
-        rows = projection_rows(conn, user)
-    assert streams, "no events at all"
-    assert version_gaps(streams) == {}
-    assert differences(rows, fold_streams(streams)) == {}
 
 
 def test_fifty_clients_with_if_match_have_one_winner_per_version(
