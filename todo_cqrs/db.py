@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -30,7 +31,13 @@ def migrations_dir() -> Path:
 
 
 def migration_ids() -> list[str]:
-    return sorted(p.stem for p in migrations_dir().glob("*.sql"))
+    return list(_migration_ids())
+
+
+@functools.cache
+def _migration_ids() -> tuple[str, ...]:
+    # Read once: `/ready` asks on every call.
+    return tuple(sorted(p.stem for p in migrations_dir().glob("*.sql")))
 
 
 _embedded: dict[Path, Any] = {}
@@ -133,7 +140,7 @@ async def pending_migrations(conn: psycopg.AsyncConnection[Any]) -> list[str]:
     except psycopg.errors.UndefinedTable:
         return migration_ids()
     applied = {row[0] for row in await cur.fetchall()}
-    return [m for m in migration_ids() if m not in applied]
+    return [m for m in _migration_ids() if m not in applied]
 
 
 def create_pool(url: str, *, min_size: int, max_size: int, timeout: float) -> AsyncConnectionPool:
