@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from litestar.testing import TestClient
+from psycopg.conninfo import make_conninfo
 
 from todo_cqrs import db
 from todo_cqrs.config import Settings
@@ -60,8 +61,17 @@ def assert_problem(response: Any, status: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The in-process app's settings. TEST_VIA_PGBOUNCER=host:port sends its queries and
+    commands through a PgBouncer in transaction mode (see test_pgbouncer.py); the tests'
+    own checks, migrations and LISTEN go straight to the database."""
+    app_url, bouncer = database_url, os.environ.get("TEST_VIA_PGBOUNCER")
+    if bouncer:
+        host, port = bouncer.rsplit(":", 1)
+        app_url = make_conninfo(database_url, host=host, port=port)
     return Settings(
-        database_url=database_url,
+        database_url=app_url,
+        listen_database_url=database_url,
+        prepared_statements=not bouncer,
         data_dir=tmp_path_factory.mktemp("data"),
         jwt_secret=JWT_SECRET,
         jwt_issuer=None,

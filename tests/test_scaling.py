@@ -3,6 +3,8 @@ Citus can distribute by user."""
 
 from __future__ import annotations
 
+import ast
+import re
 import secrets
 import threading
 from collections import Counter
@@ -108,3 +110,86 @@ def test_the_citus_script_distributes_every_table() -> None:
     script = (Path(__file__).parent.parent / "sql" / "citus" / "distribute.sql").read_text()
     for table in ("events", "tasks", "idempotency_keys"):
         assert f"create_distributed_table('{table}', 'user_id'" in script
+
+
+# --- every statement on a user's data filters by user_id ------------------------------------
+
+PACKAGE = Path(__file__).parent.parent / "todo_cqrs"
+USER_TABLES = r"(?:events|tasks|idempotency_keys|tasks_rebuild|\{table\}|\{NEW_TABLE\})"
+_STATEMENT = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH|COPY)\b")
+_ON_USER_TABLE = re.compile(rf"\b(?:FROM|INTO|UPDATE|JOIN|COPY)\s+{USER_TABLES}(?!\w)")
+_USER_FILTER = re.compile(r"\bWHERE\b.*\buser_id\s*=", re.S)
+_USER_COLUMN_FIRST = re.compile(rf"\b(?:INTO|COPY)\s+{USER_TABLES}\s*\(user_id,")
+
+# The statements that read or change every user's rows on purpose; each is one statement,
+# which Citus runs on every shard (none joins two users' rows).
+ALL_USERS = {
+    "FROM events {condition}": "the full rebuild and --check fold every stream;"
+    " with --user, condition is `WHERE user_id = %s`",
+    "FROM events WHERE position > %s": "the rebuild's catch-up: events past its mark",
+    "COPY (SELECT user_id, {TASK_COLUMNS} FROM tasks": "--check reads the whole projection",
+    "DELETE FROM idempotency_keys WHERE created_at <": "the hourly prune of answers past 24 h",
+    "SELECT count(*) FROM events": "the rebuild's progress bar total; the benchmark's size",
+    "SELECT count(DISTINCT user_id), count(*) FROM tasks": "the benchmark's data set size",
+    "FROM tasks WHERE NOT deleted ORDER BY random()": "the benchmark picks its targets",
+}
+
+
+def _sql_text(node: ast.expr) -> str:
+    """A string or f-string literal's text, each {expression} written as in the source."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    assert isinstance(node, ast.JoinedStr)
+    return "".join(
+        part.value if isinstance(part, ast.Constant) else "{" + ast.unparse(part.value) + "}"
+        for part in node.values
+        if isinstance(part, ast.Constant | ast.FormattedValue)
+    )
+
+
+def package_statements() -> list[tuple[str, str]]:
+    """(where, SQL) of every statement on a user table written in the package."""
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        inside_fstrings = {
+            id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr)
+            for part in ast.walk(node) if part is not node
+        }  # fmt: skip
+        for node in ast.walk(tree):
+            if id(node) in inside_fstrings or not isinstance(node, ast.Constant | ast.JoinedStr):
+                continue
+            if isinstance(node, ast.Constant) and not isinstance(node.value, str):
+                continue
+            text = _sql_text(node)
+            if _STATEMENT.match(text) and _ON_USER_TABLE.search(text):
+                found.append((f"{path.name}:{node.lineno}", text))
+    return found
+
+
+def test_every_statement_on_a_users_data_filters_by_user_id() -> None:
+    statements = package_statements()
+    assert len(statements) >= 15  # the scan finds the package's SQL at all
+    unfiltered = []
+    allowed_seen = set()
+    for where, sql in statements:
+        allowed = [marker for marker in ALL_USERS if marker in sql]
+        allowed_seen.update(allowed)
+        if allowed or _USER_FILTER.search(sql) or _USER_COLUMN_FIRST.search(sql):
+            if " JOIN " in sql:
+                assert re.search(r"\bON\b[^;]*\buser_id\b", sql), f"{where} joins: {sql}"
+            continue
+        unfiltered.append(f"{where}: {sql}")
+    assert not unfiltered, "statements without a user_id filter:\n" + "\n".join(unfiltered)
+    assert allowed_seen == set(ALL_USERS), "allow-list entries that match no statement"
+
+
+def test_the_scan_tells_a_filtered_statement_from_an_unfiltered_one() -> None:
+    def passes(sql: str) -> bool:
+        return bool(_USER_FILTER.search(sql) or _USER_COLUMN_FIRST.search(sql))
+
+    assert passes("SELECT * FROM tasks WHERE user_id = %s AND task_id = %s")
+    assert passes("INSERT INTO events (user_id, task_id) VALUES (%s, %s)")
+    assert not passes("SELECT * FROM tasks WHERE task_id = %s")
+    assert not passes("UPDATE tasks SET title = %s WHERE task_id = %s")
+    assert not passes("INSERT INTO events (task_id, user_id) VALUES (%s, %s)")

@@ -2,7 +2,7 @@
 
     python -m todo_cqrs.bench rebuild [--users N] [--tasks N] [--events N]
     python -m todo_cqrs.bench api [--workers 2] [--connections 32] [--duration 15] [--smoke]
-                                  [--big [--users N --tasks N --events N]]
+                                  [--big [--users N --tasks N --events N]] [--scale-out]
 
 Uses BENCH_DATABASE_URL (a server where it may create and drop a database), else an embedded
 PostgreSQL in a temporary folder. `api` drives a real `todo-cqrs serve` on a loopback port
@@ -29,8 +29,9 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -687,6 +688,115 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
     return run
 
 
+# --- scaling out (issue 7) --------------------------------------------------------------------
+#
+# A primary and a streaming standby of its own (db.LocalServer, fsync on), seeded through the
+# API; then reads with one service host, without and with QUERY_DATABASE_URL on the standby,
+# and commands with one and with two service hosts (two wrk runs at once, half the
+# connections each). Every host is `serve --workers N`, and all of them share this machine.
+
+SCALE_OUT_RUNS: list[tuple[str, tuple[str, ...], int, bool]] = [
+    # (setting, scenarios, service hosts, queries on the standby)
+    ("one host", ("get", "list", "create", "patch"), 1, False),
+    ("one host, queries on the replica", ("get", "list"), 1, True),
+    ("two hosts", ("create", "patch"), 2, False),
+    ("two hosts, queries on the replica", ("get", "list", "mixed"), 2, True),
+]
+
+
+def _together(name: str, parts: list[Scenario]) -> Scenario:
+    """Two wrk runs at once, as one: requests added up; the worse of each percentile."""
+    return Scenario(
+        name=name,
+        requests=sum(p.requests for p in parts),
+        seconds=max(p.seconds for p in parts),
+        errors=sum(p.errors for p in parts),
+        error_detail="; ".join(p.error_detail for p in parts if p.error_detail),
+        p50_ms=max(p.p50_ms for p in parts),
+        p95_ms=max(p.p95_ms for p in parts),
+        p99_ms=max(p.p99_ms for p in parts),
+        max_ms=max(p.max_ms for p in parts),
+    )
+
+
+def bench_scale_out(options: Options, folder: Path, cleanup: ExitStack) -> str:
+    binaries = db.server_binaries()
+    if binaries is None:
+        raise SystemExit("no PostgreSQL server binaries (initdb, pg_basebackup) found")
+    primary = db.LocalServer.primary(binaries, folder / "servers")
+    cleanup.callback(primary.stop)
+    db.migrate(primary.url)
+    standby = primary.standby(folder / "servers")
+    cleanup.callback(standby.stop)
+    secret = secrets.token_hex(32)
+    env = {"DATABASE_URL": primary.url, "TODO_JWT_SECRET": secret,
+           "TODO_LOG_LEVEL": options.log_level}  # fmt: skip
+
+    def start(host: str, replica: bool) -> Serve:
+        extra = {"QUERY_DATABASE_URL": standby.url} if replica else {}
+        data = folder / f"data-{host}"
+        serve = Serve(
+            _service_env(**env, **extra, TODO_DATA_DIR=str(data)),
+            folder / f"serve-{host}.log",
+            options.workers,
+        )
+        cleanup.callback(serve.stop)
+        serve.wait_ready()
+        return serve
+
+    seeder = start("seed", False)
+    targets = seed_through_api(seeder.url, primary.url, secret, options, 6 * 3600)
+    seeder.stop()
+    targets_path = folder / "targets.txt"
+    save_targets(primary.url, targets, targets_path)
+    with psycopg.connect(primary.url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        version = str((conn.execute("SHOW server_version").fetchone() or ("?",))[0])
+    rows = []
+
+    def run_scenario(name: str, url: str, options: Options) -> Scenario:
+        return run_wrk(name, url, folder, targets_path, options, options.duration)
+
+    half = replace(options, connections=max(1, options.connections // 2), threads=1)
+    for setting, names, hosts, replica in SCALE_OUT_RUNS:
+        serves = [start(f"{setting}-{n}".replace(" ", "-"), replica) for n in range(hosts)]
+        print(f"{setting}: {hosts} x serve --workers {options.workers}", flush=True)
+        if options.warmup:
+            run_wrk("mixed", serves[0].url, folder, targets_path, options, options.warmup)
+        for name in names:
+            urls = [serve.url for serve in serves]
+            each = options if hosts == 1 else half
+            with ThreadPoolExecutor(hosts) as pool:
+                parts = list(pool.map(partial(run_scenario, name, options=each), urls))
+            result = parts[0] if hosts == 1 else _together(name, parts)
+            print(f"  {name:>7}: {result.rate:8,.0f} requests/s  p99 {result.p99_ms:6.1f} ms"
+                  f"  errors {result.errors}", flush=True)  # fmt: skip
+            rows.append(
+                f"| {setting} | {name} | {result.rate:,.0f} | {result.p50_ms:.1f}"
+                f" | {result.p99_ms:.1f} | {result.errors} |"
+            )
+        for serve in serves:
+            serve.stop()
+    return f"""
+- Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; PostgreSQL {version}
+  (a primary and a streaming hot standby of it, both on this machine, fsync on),
+  todo-cqrs {__version__}.
+- Each service host is `todo-cqrs serve --workers {options.workers}` on its own loopback
+  port. Load: wrk, {options.connections} connections, {options.duration} s per scenario; with
+  two hosts, two wrk runs at once with half the connections each, their requests added up
+  and the worse latency shown. Data set: {len(targets):,} tasks of {options.users:,} users,
+  made through the API. Queries send no consistency token (each reads whatever the replica
+  has), so the replica's cost is its liveness check on checkout.
+- Everything shares 2 cores: a second host or a replica adds processes, not cores. These
+  numbers show that the settings work under load and what they cost here; the gain of a
+  second machine is not measurable on one.
+
+| setting | scenario | requests/s | p50 ms | p99 ms | errors |
+| --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+"""
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -825,18 +935,21 @@ def api_main(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with ExitStack() as cleanup:
         folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="todo-bench-")))
-        server_url = os.environ.get("BENCH_DATABASE_URL")
-        if not server_url:
-            pg_folder = folder / "postgres"
-            cleanup.callback(db.stop_embedded, pg_folder)
-            server_url = db.start_embedded(pg_folder)
-        run = bench_api(server_url, options, folder, cleanup)
-    body = report(run)
+        if args.scale_out:
+            body, section = bench_scale_out(options, folder, cleanup), "Scaling out"
+        else:
+            server_url = os.environ.get("BENCH_DATABASE_URL")
+            if not server_url:
+                pg_folder = folder / "postgres"
+                cleanup.callback(db.stop_embedded, pg_folder)
+                server_url = db.start_embedded(pg_folder)
+            body = report(bench_api(server_url, options, folder, cleanup))
+            section = "HTTP API on the big data set" if options.big else "HTTP API"
     if options.smoke:
         print(body)
         print("smoke run: BENCHMARKS.md left as it was")
         return
-    write_section("HTTP API on the big data set" if options.big else "HTTP API", body)
+    write_section(section, body)
     print(body)
     print(f"written to {REPORT}")
 
@@ -861,6 +974,11 @@ def main() -> None:
     p.add_argument("--events", type=int, default=5_000_000, help="--big: events (5,000,000)")
     p.add_argument("--targets", type=int, default=5_000, help="--big: tasks the load picks from")
     p.add_argument("--smoke", action="store_true", help="1 s per scenario; BENCHMARKS.md untouched")
+    p.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="one and two service hosts, with and without a streaming replica for queries",
+    )
     p.add_argument("--log-level", default="INFO", help="TODO_LOG_LEVEL of serve (default INFO)")
     args = parser.parse_args()
     if args.what == "api":

@@ -25,7 +25,7 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from todo_cqrs import eventstore, projection
+from todo_cqrs import db, eventstore, projection
 from todo_cqrs.domain import (
     Command,
     CreateTask,
@@ -52,6 +52,7 @@ class Answer(msgspec.Struct):
     location: str | None = None
     etag: str | None = None
     replayed: bool = False
+    consistency_token: str | None = None  # the WAL position after the commit; not stored
 
     @classmethod
     def from_problem(cls, problem: Problem) -> Answer:
@@ -91,34 +92,50 @@ async def execute(
     meta = eventstore.EventMeta(
         request_id=request_id, idempotency_key=idempotency.key if idempotency else None
     )
-    # Pipeline mode: statements go out without waiting for each other's answers, so the
-    # whole command costs two round trips (BEGIN, the lock and the row; the writes and
-    # COMMIT) instead of seven.
-    async with pool.connection() as conn, conn.pipeline(), conn.transaction():
-        if idempotency is None:
-            return await _run(conn, user_id, task_id, command, if_match, meta)
-        stored = await _claim_key(conn, user_id, idempotency)
-        if stored is not None:
-            return stored
-        try:
-            answer = await _run(conn, user_id, task_id, command, if_match, meta)
-        except Problem as problem:
-            # A 4xx is a final answer too: a retry gets it again, not a second attempt.
-            answer = Answer.from_problem(problem)
-        await conn.execute(
-            "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, location,"
-            " etag) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (
-                user_id,
-                idempotency.key,
-                idempotency.fingerprint,
-                answer.status,
-                answer.body,
-                answer.location,
-                answer.etag,
-            ),
-        )
-        return answer
+    async with pool.connection() as conn:
+        # Pipeline mode: statements go out without waiting for each other's answers, so the
+        # whole command costs two round trips (BEGIN, the lock and the row; the writes and
+        # COMMIT) instead of seven.
+        async with conn.pipeline(), conn.transaction():
+            answer = await _answer(conn, user_id, task_id, command, if_match, idempotency, meta)
+        # After the commit, so that a replica that has replayed this far shows the command.
+        answer.consistency_token = await db.wal_position(conn)
+    return answer
+
+
+async def _answer(
+    conn: Conn,
+    user_id: str,
+    task_id: UUID,
+    command: Command | Problem,
+    if_match: frozenset[str] | None,
+    idempotency: Idempotency | None,
+    meta: eventstore.EventMeta,
+) -> Answer:
+    if idempotency is None:
+        return await _run(conn, user_id, task_id, command, if_match, meta)
+    stored = await _claim_key(conn, user_id, idempotency)
+    if stored is not None:
+        return stored
+    try:
+        answer = await _run(conn, user_id, task_id, command, if_match, meta)
+    except Problem as problem:
+        # A 4xx is a final answer too: a retry gets it again, not a second attempt.
+        answer = Answer.from_problem(problem)
+    await conn.execute(
+        "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body, location,"
+        " etag) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (
+            user_id,
+            idempotency.key,
+            idempotency.fingerprint,
+            answer.status,
+            answer.body,
+            answer.location,
+            answer.etag,
+        ),
+    )
+    return answer
 
 
 async def _claim_key(conn: Conn, user_id: str, idempotency: Idempotency) -> Answer | None:

@@ -25,6 +25,13 @@ class Settings:
     jwt_jwks_file: str | None = None
     jwt_jwks_min_refresh: float = 30.0  # seconds between two fetches of the JWKS URL, at least
     jwt_jwks_max_age: float = 300.0  # seconds before the cached JWKS is refreshed in background
+    # Scaling out (README "Scaling out"): a streaming replica for queries, the longest a query
+    # waits for it to replay the caller's last write, a direct connection for LISTEN when
+    # DATABASE_URL goes through PgBouncer, and server-side prepared statements on or off.
+    query_database_url: str | None = None
+    replica_wait: float = 2.0
+    listen_database_url: str | None = None
+    prepared_statements: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -45,6 +52,10 @@ class Settings:
             jwt_jwks_file=env.get("TODO_JWT_JWKS_FILE") or None,
             jwt_jwks_min_refresh=float(env.get("TODO_JWT_JWKS_MIN_REFRESH", "30")),
             jwt_jwks_max_age=float(env.get("TODO_JWT_JWKS_MAX_AGE", "300")),
+            query_database_url=env.get("QUERY_DATABASE_URL") or None,
+            replica_wait=float(env.get("TODO_REPLICA_WAIT", "2")),
+            listen_database_url=env.get("LISTEN_DATABASE_URL") or None,
+            prepared_statements=_switch(env.get("TODO_PREPARED_STATEMENTS", "on")),
         )
 
     def public_keys_configured(self) -> bool:
@@ -84,3 +95,11 @@ class Settings:
             finally:
                 fresh.unlink()
         return path.read_text().strip()
+
+
+def _switch(value: str) -> bool:
+    words = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+    try:
+        return words[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"expected on or off, got {value!r}") from None

