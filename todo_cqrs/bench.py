@@ -303,6 +303,7 @@ class Options:
     targets: int
     smoke: bool
     log_level: str
+    only: list[str] = field(default_factory=list)  # some scenarios, not all (no report)
 
 
 @dataclass
@@ -651,7 +652,7 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
     if options.warmup:
         print(f"warm-up: {options.warmup} s of the mixed scenario", flush=True)
         run_wrk("mixed", serve.url, folder, targets_path, options, options.warmup)
-    for name in SCENARIOS:
+    for name in options.only or SCENARIOS:
         scenario = run_wrk(name, serve.url, folder, targets_path, options, options.duration)
         run.scenarios.append(scenario)
         print(
@@ -665,6 +666,8 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
     run.worker_rss_mb = [w.memory_info().rss / 2**20 for w in serve.workers()]
     print("worker RSS: " + ", ".join(f"{mb:.0f} MB" for mb in run.worker_rss_mb), flush=True)
     serve.stop()  # the database alone for pgbench
+    if options.only:
+        return run  # a quick comparison: no ceiling, no report
     if any(s.errors for s in run.scenarios):
         print(f"(some requests failed; the service's log is {serve.log_path})", flush=True)
     for name, text in pgbench_scripts(len(targets)).items():
@@ -927,6 +930,7 @@ def api_main(args: argparse.Namespace) -> None:
         targets=args.targets,
         smoke=args.smoke,
         log_level=args.log_level,
+        only=args.only.split(",") if args.only else [],
     )
     for tool in ("wrk", "pgbench"):
         if shutil.which(tool) is None:
@@ -943,7 +947,11 @@ def api_main(args: argparse.Namespace) -> None:
                 pg_folder = folder / "postgres"
                 cleanup.callback(db.stop_embedded, pg_folder)
                 server_url = db.start_embedded(pg_folder)
-            body = report(bench_api(server_url, options, folder, cleanup))
+            run = bench_api(server_url, options, folder, cleanup)
+            if options.only:
+                print("--only: BENCHMARKS.md left as it was")
+                return
+            body = report(run)
             section = "HTTP API on the big data set" if options.big else "HTTP API"
     if options.smoke:
         print(body)
@@ -974,6 +982,7 @@ def main() -> None:
     p.add_argument("--events", type=int, default=5_000_000, help="--big: events (5,000,000)")
     p.add_argument("--targets", type=int, default=5_000, help="--big: tasks the load picks from")
     p.add_argument("--smoke", action="store_true", help="1 s per scenario; BENCHMARKS.md untouched")
+    p.add_argument("--only", help="comma-separated scenarios, for quick comparisons (smoke-like)")
     p.add_argument(
         "--scale-out",
         action="store_true",
