@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import httpx
 import psutil
 import psycopg
 
+from todo_cqrs import db
 from todo_cqrs.domain import Recorded, Task, fold
 from todo_cqrs.eventstore import decode_event
 from todo_cqrs.projection import TASK_COLUMNS, task_from_row
@@ -66,13 +66,6 @@ def run_cli(
     )
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def http_client(base_url: str, token: str | None = None, **kwargs: Any) -> httpx.Client:
     """A client for the loopback service; proxies from the environment are ignored."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -95,7 +88,7 @@ class ServeProcess:
         self.env = dict(env)
         self.cwd = cwd
         self.log_path = log_path
-        self.port = free_port()
+        self.port = db.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
         if workers != 1:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import pytest
 from conftest import JWT_SECRET, Api
 from litestar.testing import TestClient
 
+from todo_cqrs import db
 from todo_cqrs.http import mint_token
 
 EVENT_KEYS = {"position", "task_id", "version", "type", "data", "occurred_at", "meta"}
@@ -355,13 +355,6 @@ def test_feed_limit_default_and_bounds(api: Api) -> None:
 # --- a real server -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.terminate()
@@ -389,7 +382,7 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "TODO_DATA_DIR": str(folder / "data"),
         "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"),
     }
-    port = _free_port()
+    port = db.free_port()
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "todo_cqrs.cli", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", "2"]

@@ -7,6 +7,7 @@ the primary; with the standby stopped, every query is answered by the primary.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import JWT_SECRET, Api, assert_problem
+from conftest import Api, assert_problem
 from litestar.testing import TestClient
 
 from todo_cqrs import db
@@ -80,22 +81,19 @@ def replication() -> Iterator[Replication]:
 
 @pytest.fixture(scope="module")
 def replica_client(
-    replication: Replication, tmp_path_factory: pytest.TempPathFactory
+    replication: Replication, settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TestClient[Any]]:
-    settings = Settings(
-        database_url=replication.primary.url,
+    primary = replication.primary.url
+    replica_settings = dataclasses.replace(
+        settings,
+        database_url=primary,
+        listen_database_url=primary,
+        prepared_statements=True,
         query_database_url=replication.standby.url,
         replica_wait=WAIT,
         data_dir=tmp_path_factory.mktemp("replica-data"),
-        jwt_secret=JWT_SECRET,
-        jwt_issuer=None,
-        jwt_audience=None,
-        pool_min=1,
-        pool_max=10,
-        pool_timeout=5.0,
-        log_level="WARNING",
     )
-    with TestClient(app=create_app(settings)) as client:  # type: ignore[arg-type]
+    with TestClient(app=create_app(replica_settings)) as client:  # type: ignore[arg-type]
         yield client
 
 

@@ -22,7 +22,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -71,6 +70,16 @@ def write_section(name: str, body: str) -> None:
         else text.rstrip() + "\n\n" + section
     )
     REPORT.write_text(text)
+
+
+def reported_rates(name: str) -> dict[str, float]:
+    """The requests/s of each scenario in the section `## name` of BENCHMARKS.md, if any."""
+    text = REPORT.read_text() if REPORT.exists() else ""
+    found = re.search(rf"^## {re.escape(name)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    rates: dict[str, float] = {}
+    for scenario, rate in re.findall(r"^\| (\w+) \| ([\d,]+) \|", found[1] if found else "", re.M):
+        rates.setdefault(scenario, float(rate.replace(",", "")))  # the first table: wrk's
+    return rates
 
 
 def run_cli(url: str, *args: str) -> tuple[float, str]:
@@ -362,19 +371,12 @@ def _service_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Serve:
     """`todo-cqrs serve` on a free loopback port, in a session of its own (serve and its
     workers stop as one process group); its output goes to `log_path`."""
 
     def __init__(self, env: dict[str, str], log_path: Path, workers: int) -> None:
-        self.port = _free_port()
+        self.port = db.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("ab")
@@ -536,7 +538,8 @@ def run_wrk(
     name: str, base_url: str, folder: Path, targets_path: Path, options: Options, seconds: int
 ) -> Scenario:
     weights = ", ".join(f'{{"{kind}", {share}}}' for kind, share in SCENARIOS[name].items())
-    script = folder / f"{name}.lua"
+    # One file per target: two wrk runs at once (--scale-out) must not rewrite each other's.
+    script = folder / f"{name}-{base_url.rsplit(':', 1)[-1]}.lua"
     script.write_text(_LUA.replace("@TARGETS@", str(targets_path)).replace("@WEIGHTS@", weights))
     done = subprocess.run(
         ["wrk", "-t", str(options.threads), "-c", str(options.connections),
@@ -851,6 +854,15 @@ def report(run: Run) -> str:
         )
 
     rss = ", ".join(f"{mb:.0f} MB" for mb in run.worker_rss_mb)
+    small = reported_rates("HTTP API") if o.big else {}
+    against_small = []
+    if small:
+        shares = {s.name: s.rate / small[s.name] for s in run.scenarios if s.name in small}
+        against_small.append(
+            "- Every scenario within 20% of the small data set's throughput (the HTTP API"
+            " section): " + ", ".join(f"{n} {share:.0%}" for n, share in shares.items())
+            + ": " + verdict(all(share >= 0.8 for share in shares.values()))
+        )  # fmt: skip
     targets = "\n".join(
         [
             f"- Zero errors: {error_total} in all: {verdict(error_total == 0)}",
@@ -860,6 +872,7 @@ def report(run: Run) -> str:
             ratio_line(("get", "list"), "list", 0.4),
             f"- RSS under 80 MB per worker: {rss}: "
             + verdict(all(mb < 80 for mb in run.worker_rss_mb)),
+            *against_small,
         ]
     )
     plans = ""
