@@ -38,7 +38,7 @@ import jwt
 import psutil
 import psycopg
 
-from todo_cqrs import __version__, db, eventstore, projection
+from todo_cqrs import __version__, commands, db, eventstore, projection
 
 REPORT = Path("BENCHMARKS.md")
 
@@ -225,11 +225,11 @@ end
 """
 
 # The SQL of one PATCH that renames a task, as commands.execute sends it without an
-# Idempotency-Key: BEGIN; eventstore.lock_user; projection.load_task; projection.save_task;
-# eventstore.append_events (the INSERT, then pg_notify); COMMIT. pgbench sends no NULL
-# parameter, so the nullable columns read back with \gset (an empty string for NULL) go
-# through NULLIF, and idempotency_key is a literal NULL. The first statement is the
-# harness's: it picks a random seeded task and the new title (one primary-key read).
+# Idempotency-Key: BEGIN; eventstore.lock_user; projection.load_task; commands._RECORD (the
+# row, the event and pg_notify in one statement); COMMIT. pgbench sends no NULL parameter,
+# so the nullable columns read back with \gset (an empty string for NULL) go through NULLIF,
+# and idempotency_key is a literal NULL. The first statement is the harness's: it picks a
+# random seeded task and the new title (one primary-key read).
 _PGBENCH_COMMAND = """\\set n random(1, @TARGETS@)
 SELECT b.user_id AS uid, b.task_id AS tid, t.title AS new_title,
   jsonb_build_object('title', t.title)::text AS event_data, 'TaskRenamed' AS event_type,
@@ -242,11 +242,7 @@ SELECT clock_timestamp() FROM locked \\gset
 SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND task_id = :tid \\gset row_
 \\set next_version :row_version + 1
 \\set schema_version 1
-@SAVE_TASK@;
-INSERT INTO events (user_id, task_id, version, type, data, schema_version, occurred_at, \
-request_id, idempotency_key) VALUES (:uid, :tid, :next_version, :event_type, \
-:event_data::jsonb, :schema_version, :clock_timestamp, :request_id, NULL);
-SELECT pg_notify(:channel, :uid);
+@RECORD@;
 COMMIT;
 """
 
@@ -258,24 +254,29 @@ SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND NOT deleted \
 ORDER BY created_at DESC, task_id DESC LIMIT :limit;
 """
 
-# The values of projection.save_task's upsert (projection._row_values), as pgbench variables.
-_SAVE_VALUES = [
+# The parameters of commands._RECORD (projection.row_values, eventstore.append_values, the
+# NOTIFY's), as pgbench variables; pgbench's are untyped, so some get a cast.
+_RECORD_VALUES = [
     ":uid", ":tid", ":new_title", ":row_description", ":row_completed", ":row_priority",
     "NULLIF(:row_due_date, '')::date", ":row_tags", ":next_version", ":row_created_at",
     ":clock_timestamp", "NULLIF(:row_completed_at, '')::timestamptz", ":row_deleted",
+    ":uid", ":tid::uuid", ":clock_timestamp::timestamptz", ":request_id", "NULL::text",
+    "ARRAY[:next_version]", "ARRAY[:event_type]", "ARRAY[:event_data]",
+    "ARRAY[:schema_version]",
+    ":channel", ":uid",
 ]  # fmt: skip
 
 
 def pgbench_scripts(targets: int) -> dict[str, str]:
     """The pgbench scripts, built from the statements that the service sends."""
-    save = projection._SAVE_TASKS
-    for value in _SAVE_VALUES:
-        save = save.replace("%s", value, 1)
-    assert "%s" not in save
+    record = commands._RECORD
+    for value in _RECORD_VALUES:
+        record = record.replace("%s", value, 1)
+    assert "%s" not in record
     return {
         name: text.replace("@TARGETS@", str(targets))
         .replace("@TASK_COLUMNS@", projection.TASK_COLUMNS)
-        .replace("@SAVE_TASK@", save)
+        .replace("@RECORD@", record)
         for name, text in (("command", _PGBENCH_COMMAND), ("list", _PGBENCH_LIST))
     }
 

@@ -10,9 +10,10 @@ The order inside the transaction is what makes the guarantees hold:
    positions commit in increasing order (the feed can never skip one).
 3. Read the task row in a new statement, after the lock, so it sees the previous command's
    commit; check If-Match; `decide`; fold the new events with `evolve`.
-4. Upsert the projection row, then append the events (the row first: a command that has
-   drawn event positions then holds a lock on `tasks`, which the online rebuild relies
-   on), store the idempotent answer; commit.
+4. In one statement, upsert the projection row, append the events and NOTIFY the feed
+   (`_RECORD`); store the idempotent answer; commit. One statement locks both tables
+   before any event draws its position, so a command that has drawn positions holds a
+   lock on `tasks`, which the online rebuild relies on.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ from todo_cqrs.problems import Problem, not_found
 Conn = psycopg.AsyncConnection[Any]
 
 _encode = msgspec.json.Encoder().encode
+
+# A command's outcome: the projection row, its events, and the feed's NOTIFY (delivered at
+# commit). One statement is one round trip and one parse, where three were three.
+_RECORD = (
+    f"WITH saved AS ({projection.SAVE_TASK}), appended AS ({eventstore.APPEND_EVENTS})"
+    " SELECT pg_notify(%s, %s)"
+)
 
 
 class Answer(msgspec.Struct):
@@ -93,10 +101,11 @@ async def execute(
         request_id=request_id, idempotency_key=idempotency.key if idempotency else None
     )
     async with pool.connection() as conn:
-        # Pipeline mode: statements go out without waiting for each other's answers, so the
-        # whole command costs two round trips (BEGIN, the lock and the row; the writes and
-        # COMMIT) instead of seven.
-        async with conn.pipeline(), conn.transaction():
+        # Not in pipeline mode: psycopg's pipeline costs this process 28% more instructions
+        # per command (measured with callgrind, BENCHMARKS.md), and here the CPU, not the
+        # round trip to the database, is what limits throughput. Six round trips: BEGIN,
+        # the lock, the row, `_RECORD`, COMMIT, the WAL position.
+        async with conn.transaction():
             answer = await _answer(conn, user_id, task_id, command, if_match, idempotency, meta)
         # After the commit, so that a replica that has replayed this far shows the command.
         answer.consistency_token = await db.wal_position(conn)
@@ -170,12 +179,10 @@ async def _run(
 ) -> Answer:
     if isinstance(command, Problem):
         raise command  # a request refused before it became a command; stored all the same
-    # The lock and the row read go out together (one round trip): the read runs, and takes
-    # its snapshot, only once the lock is held, so it sees the previous command's commit.
-    lock = await eventstore.request_user_lock(conn, user_id)
+    now = await eventstore.lock_user(conn, user_id)
+    # A statement of its own, after the lock: its snapshot sees the previous command's commit.
     creating = isinstance(command, CreateTask)
     state = None if creating else await projection.load_task(conn, user_id, task_id)
-    now = await eventstore.lock_user_clock(lock)
     if not creating:
         # A deleted task is gone for every command but restore, whatever If-Match says.
         if state is None or (state.deleted and not isinstance(command, RestoreTask)):
@@ -200,9 +207,15 @@ async def _run(
     new_state = fold(recorded, state)
     assert new_state is not None
     if recorded:
-        # The row first (see the module's docstring, step 4).
-        await projection.save_task(conn, user_id, new_state)
-        await eventstore.append_events(conn, user_id, recorded, meta)
+        await conn.execute(
+            _RECORD,
+            (
+                *projection.row_values(user_id, new_state),
+                *eventstore.append_values(user_id, recorded, meta),
+                eventstore.CHANNEL,
+                user_id,
+            ),
+        )
     etag = f'"{new_state.version}"'
     if creating:
         return Answer(201, _encode(new_state), location=f"/tasks/{task_id}", etag=etag)

@@ -75,29 +75,31 @@ def decode_event(type_name: str, data: str | bytes, schema_version: int | None =
     return upcast(type_name, msgspec.json.decode(data), schema_version)
 
 
-async def append_events(conn: Conn, user_id: str, events: list[Recorded], meta: EventMeta) -> None:
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            "INSERT INTO events (user_id, task_id, version, type, data, schema_version,"
-            " occurred_at, request_id, idempotency_key)"
-            " VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
-            [
-                (
-                    user_id,
-                    r.task_id,
-                    r.version,
-                    event_type(r.event),
-                    _encode(event_data(r.event)).decode(),
-                    SCHEMA_VERSIONS[event_type(r.event)],
-                    r.occurred_at,
-                    meta.request_id,
-                    meta.idempotency_key,
-                )
-                for r in events
-            ],
-        )
-        # Delivered at commit, to every process that streams this user's events.
-        await cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, user_id))
+# A command's events, in version order so that their positions are in that order too. One
+# command's events share the task, the time and the request; the rest comes as arrays.
+APPEND_EVENTS = (
+    "INSERT INTO events (user_id, task_id, version, type, data, schema_version, occurred_at,"
+    " request_id, idempotency_key)"
+    " SELECT %s, %s, e.version, e.type, e.data::jsonb, e.schema_version, %s, %s, %s"
+    " FROM unnest(%s::int4[], %s::text[], %s::text[], %s::int4[])"
+    " AS e(version, type, data, schema_version) ORDER BY e.version"
+)
+
+
+def append_values(user_id: str, events: list[Recorded], meta: EventMeta) -> tuple[Any, ...]:
+    """The parameters of APPEND_EVENTS for one command's events (one task, one time)."""
+    first = events[0]
+    return (
+        user_id,
+        first.task_id,
+        first.occurred_at,
+        meta.request_id,
+        meta.idempotency_key,
+        [r.version for r in events],
+        [event_type(r.event) for r in events],
+        [_encode(event_data(r.event)).decode() for r in events],
+        [SCHEMA_VERSIONS[event_type(r.event)] for r in events],
+    )
 
 
 _STORED_COLUMNS = (
@@ -185,21 +187,11 @@ async def lock_user(conn: Conn, user_id: str) -> datetime:
     `position > P` never steps over an event that commits later. The time is read after
     the wait, so a task's events never go back in time.
     """
-    return await lock_user_clock(await request_user_lock(conn, user_id))
-
-
-async def request_user_lock(conn: Conn, user_id: str) -> psycopg.AsyncCursor[Any]:
-    """`lock_user` in two halves, for pipeline mode: send the request now, and read the
-    clock (`lock_user_clock`) after queueing the statements that must run under the lock.
-    Each statement after it still takes its snapshot once the lock is held."""
-    return await conn.execute(
+    cur = await conn.execute(
         "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)))"
         " SELECT clock_timestamp() FROM locked",
         (user_id,),
     )
-
-
-async def lock_user_clock(cur: psycopg.AsyncCursor[Any]) -> datetime:
     row = await cur.fetchone()
     assert row is not None
     now: datetime = row[0]

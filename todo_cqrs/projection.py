@@ -42,7 +42,7 @@ def task_from_row(row: tuple[Any, ...]) -> Task:
     )
 
 
-def _row_values(user_id: str, task: Task) -> tuple[Any, ...]:
+def row_values(user_id: str, task: Task) -> tuple[Any, ...]:
     return (
         user_id,
         task.id,
@@ -77,12 +77,12 @@ _SAVE = (
 )
 
 
-_SAVE_TASKS = _SAVE.format(table="tasks")
+SAVE_TASK = _SAVE.format(table="tasks")
 
 
 async def save_task(conn: Conn, user_id: str, task: Task, table: str = "tasks") -> None:
-    sql = _SAVE_TASKS if table == "tasks" else _SAVE.format(table=table)
-    await conn.execute(sql, _row_values(user_id, task))
+    sql = SAVE_TASK if table == "tasks" else _SAVE.format(table=table)
+    await conn.execute(sql, row_values(user_id, task))
 
 
 # --- rebuilding the projection from the events ----------------------------------------------
