@@ -234,8 +234,10 @@ class QueryRouter:
         self.wait = wait
         self._replica_down_until = 0.0
 
-    def reader(self, token: int | None = None) -> Reader:
-        return Reader(self, token)
+    def reader(self, token: int | None = None) -> Connections:
+        """What one request's queries read from: without a replica, the primary pool itself,
+        so that a query pays for no routing."""
+        return self.primary if self.replica is None else Reader(self, token)
 
     @asynccontextmanager
     async def connection(self, token: int | None = None) -> AsyncIterator[Conn]:

@@ -114,6 +114,13 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
+    # The JSON lines carry none of these, and collecting them for every record (the caller's
+    # file and line, the thread, the process) is a tenth of a request's work: the logging
+    # HOWTO's "Optimization" table.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
     root = logging.getLogger()
@@ -398,7 +405,7 @@ async def _parse_body(request: Request[str, Any, Any]) -> Response[Any] | None:
     return None
 
 
-def _reader(request: Request[Any, Any, Any], given: str | None) -> db.Reader:
+def _reader(request: Request[Any, Any, Any], given: str | None) -> db.Connections:
     """Where this request's queries read (see `db.QueryRouter`); given: its token."""
     router: db.QueryRouter = request.app.state.router
     if given is None:
