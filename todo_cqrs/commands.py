@@ -45,7 +45,7 @@ Conn = psycopg.AsyncConnection[Any]
 _encode = msgspec.json.Encoder().encode
 
 # A command's outcome: the projection row, its events, and the feed's NOTIFY (delivered at
-# commit). One statement is one round trip and one parse, where three were three.
+# commit), in one statement: one round trip and one parse instead of three.
 _RECORD = (
     f"WITH saved AS ({projection.SAVE_TASK}), appended AS ({eventstore.APPEND_EVENTS})"
     " SELECT pg_notify(%s, %s)"
