@@ -63,3 +63,13 @@ def bench(session: nox.Session) -> None:
     _apt_install(session, "pgbench", "postgresql-client")
     session.install("-e", ".")
     session.run("python", "-m", "todo_cqrs.bench", "api", *session.posargs)
+
+
+@nox.session
+def bench_instructions(session: nox.Session) -> None:
+    """Instructions per request (get, list, create, patch) of one service process, counted
+    by callgrind: repeatable where requests/s are not; writes BENCHMARKS.md.
+    `-- --requests 200` for more requests of each kind (default 100)."""
+    _apt_install(session, "valgrind", "valgrind")
+    session.install("-e", ".")
+    session.run("python", "-m", "todo_cqrs.bench", "instructions", *session.posargs)

@@ -804,6 +804,107 @@ def bench_scale_out(options: Options, folder: Path, cleanup: ExitStack) -> str:
 """
 
 
+# --- instructions per request ----------------------------------------------------------------
+#
+# wrk's requests/s on this shared 2-core machine move by a third from one minute to the
+# next; the instructions that one request costs the service do not (callgrind counts them,
+# repeatable to 1%). One uvicorn process runs the app as each `serve` worker does (JSON
+# access log, multiprocess metrics) under valgrind; its counters are zeroed before and
+# dumped after `requests` requests of each kind, sent one at a time after 20 to warm up.
+
+INSTRUCTION_KINDS = ("get", "list", "create", "patch")
+
+
+def _send(client: httpx.Client, kind: str, ids: list[str], i: int) -> None:
+    task = ids[i % len(ids)]
+    if kind == "get":
+        response = client.get(f"/tasks/{task}")
+    elif kind == "list":
+        response = client.get("/tasks", params={"limit": 50})
+    elif kind == "create":
+        response = client.post("/tasks", json={"title": f"counted {i}", "tags": ["bench"]})
+    else:
+        response = client.patch(f"/tasks/{task}", json={"title": f"counted {i}"})
+    if not response.is_success:
+        raise RuntimeError(f"{kind}: {response.status_code} {response.text[:300]}")
+
+
+def bench_instructions(server_url: str, requests: int, folder: Path) -> str:
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("valgrind is not on PATH (`nox -s bench_instructions` installs it)")
+    db.migrate(server_url)
+    secret, user = secrets.token_hex(32), f"counted-{secrets.token_hex(4)}"
+    (folder / "metrics").mkdir()
+    port, out = db.free_port(), folder / "callgrind.out"
+    env = _service_env(
+        DATABASE_URL=server_url,
+        TODO_JWT_SECRET=secret,
+        TODO_DATA_DIR=str(folder / "data"),
+        PROMETHEUS_MULTIPROC_DIR=str(folder / "metrics"),
+    )
+    with (folder / "uvicorn.log").open("ab") as log:
+        process = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+             sys.executable, "-m", "uvicorn", "todo_cqrs.http:create_app", "--factory",
+             "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+             "--log-level", "warning"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    token = _token(secret, user, 6 * 3600)
+    counts: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 300  # a Python start under valgrind takes a while
+        while not _answers(f"{base_url}/ready"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn under valgrind did not start; see {folder}")
+            time.sleep(1)
+        ids = _seed_user(base_url, token, user, 60)
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=base_url, headers=headers, timeout=120, trust_env=False) as c:
+            for dumps, kind in enumerate(INSTRUCTION_KINDS, start=1):
+                for i in range(20):
+                    _send(c, kind, ids, i)
+                subprocess.run(["callgrind_control", "--zero", str(process.pid)], check=True,
+                               capture_output=True)  # fmt: skip
+                for i in range(requests):
+                    _send(c, kind, ids, i)
+                subprocess.run(["callgrind_control", "--dump", str(process.pid)], check=True,
+                               capture_output=True)  # fmt: skip
+                dump = Path(f"{out}.{dumps}")
+                while not dump.exists() or "\ntotals:" not in dump.read_text():
+                    time.sleep(0.2)  # the dump is written when the process next runs
+                # summary: what ran since the zeroing (totals also counts calls begun before)
+                total = re.search(r"^summary: (\d+)", dump.read_text(), re.M)
+                counts[kind] = int(total[1]) / requests if total else float("nan")
+                print(f"{kind:>7}: {counts[kind] / 1000:8,.0f} k instructions per request",
+                      flush=True)  # fmt: skip
+    finally:
+        process.terminate()
+        process.wait(60)
+    rows = "\n".join(f"| {kind} | {n / 1000:,.0f} k |" for kind, n in counts.items())
+    return f"""
+- Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; Python
+  {platform.python_version()}, litestar {_version("litestar")}, uvicorn {_version("uvicorn")},
+  psycopg {_version("psycopg")}, todo-cqrs {__version__}.
+- Instructions of one uvicorn process (the app as each `serve` worker runs it: JSON access
+  log at INFO, multiprocess metrics) per request, counted by callgrind over {requests}
+  requests of each kind sent one at a time, after 20 to warm up. Unlike requests/s here,
+  these repeat within 1%: use them to compare a change's before and after.
+
+| request | instructions |
+| --- | --- |
+{rows}
+"""
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5.0, trust_env=False).is_success
+    except httpx.TransportError:
+        return False
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -1003,9 +1104,23 @@ def main() -> None:
         help="one and two service hosts, with and without a streaming replica for queries",
     )
     p.add_argument("--log-level", default="INFO", help="TODO_LOG_LEVEL of serve (default INFO)")
+    p = sub.add_parser("instructions", help="instructions per request, counted by callgrind")
+    p.add_argument("--requests", type=int, default=100, help="of each kind (default 100)")
     args = parser.parse_args()
     if args.what == "api":
         api_main(args)
+        return
+    if args.what == "instructions":
+        with ExitStack() as cleanup:
+            work = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="todo-cg-")))
+            server_url = os.environ.get("BENCH_DATABASE_URL")
+            if not server_url:
+                cleanup.callback(db.stop_embedded, work / "postgres")
+                server_url = db.start_embedded(work / "postgres")
+            body = bench_instructions(server_url, args.requests, work)
+        write_section("Instructions per request", body)
+        print(body)
+        print(f"written to {REPORT}")
         return
     server_url = os.environ.get("BENCH_DATABASE_URL")
     if server_url:
