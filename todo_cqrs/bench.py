@@ -871,8 +871,10 @@ def bench_instructions(server_url: str, requests: int, folder: Path) -> str:
                     _send(c, kind, ids, i)
                 subprocess.run(["callgrind_control", "--dump", str(process.pid)], check=True,
                                capture_output=True)  # fmt: skip
-                dump = Path(f"{out}.{dumps}")
+                dump, deadline = Path(f"{out}.{dumps}"), time.monotonic() + 60
                 while not dump.exists() or "\ntotals:" not in dump.read_text():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"callgrind wrote no {dump.name} within 60 s")
                     time.sleep(0.2)  # the dump is written when the process next runs
                 # summary: what ran since the zeroing (totals also counts calls begun before)
                 total = re.search(r"^summary: (\d+)", dump.read_text(), re.M)
@@ -881,7 +883,11 @@ def bench_instructions(server_url: str, requests: int, folder: Path) -> str:
                       flush=True)  # fmt: skip
     finally:
         process.terminate()
-        process.wait(60)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
     rows = "\n".join(f"| {kind} | {n / 1000:,.0f} k |" for kind, n in counts.items())
     return f"""
 - Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; Python
