@@ -808,7 +808,7 @@ def bench_scale_out(options: Options, folder: Path, cleanup: ExitStack) -> str:
 #
 # wrk's requests/s on this shared 2-core machine move by a third from one minute to the
 # next; the instructions that one request costs the service do not (callgrind counts them,
-# repeatable to 1%). One uvicorn process runs the app as each `serve` worker does (JSON
+# repeatable to 2%). One uvicorn process runs the app as each `serve` worker does (JSON
 # access log, multiprocess metrics) under valgrind; its counters are zeroed before and
 # dumped after `requests` requests of each kind, sent one at a time after 20 to warm up.
 
@@ -896,7 +896,7 @@ def bench_instructions(server_url: str, requests: int, folder: Path) -> str:
 - Instructions of one uvicorn process (the app as each `serve` worker runs it: JSON access
   log at INFO, multiprocess metrics) per request, counted by callgrind over {requests}
   requests of each kind sent one at a time, after 20 to warm up. Unlike requests/s here,
-  these repeat within 1%: use them to compare a change's before and after.
+  these repeat within 2%: use them to compare a change's before and after.
 
 | request | instructions |
 | --- | --- |
