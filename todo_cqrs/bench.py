@@ -372,6 +372,14 @@ def _service_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
+def _answers(url: str) -> bool:
+    """Whether url answers 2xx (a service that is not listening yet does not)."""
+    try:
+        return httpx.get(url, timeout=2.0, trust_env=False).is_success
+    except httpx.TransportError:
+        return False
+
+
 class Serve:
     """`todo-cqrs serve` on a free loopback port, in a session of its own (serve and its
     workers stop as one process group); its output goes to `log_path`."""
@@ -394,12 +402,9 @@ class Serve:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2.0, trust_env=False).is_success:
-                    self.family = [psutil.Process(self.process.pid), *self.workers()]
-                    return
-            except httpx.TransportError:
-                pass
+            if _answers(f"{self.url}/ready"):
+                self.family = [psutil.Process(self.process.pid), *self.workers()]
+                return
             time.sleep(0.2)
         raise TimeoutError(f"serve was not ready within {timeout:.0f} s:\n{self.tail()}")
 
@@ -902,13 +907,6 @@ def bench_instructions(server_url: str, requests: int, folder: Path) -> str:
 | --- | --- |
 {rows}
 """
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5.0, trust_env=False).is_success
-    except httpx.TransportError:
-        return False
 
 
 def _version(package: str) -> str:
