@@ -225,25 +225,24 @@ end
 """
 
 # The SQL of one PATCH that renames a task, as commands.execute sends it without an
-# Idempotency-Key: BEGIN; eventstore.lock_user; projection.load_task; commands._RECORD (the
-# row, the event and pg_notify in one statement); COMMIT. pgbench sends no NULL parameter,
-# so the nullable columns read back with \gset (an empty string for NULL) go through NULLIF,
-# and idempotency_key is a literal NULL. The first statement is the harness's: it picks a
-# random seeded task and the new title (one primary-key read).
+# Idempotency-Key: projection.load_task; commands._RECORD (the lock, the row, the event and
+# pg_notify in one statement); db.wal_position. The first statement is the harness's: it
+# picks a random seeded task and computes what the service computes in Python (the new
+# title, the task's JSON after the rename, the event's JSON); reading the row there too
+# adds one primary-key read per transaction to the harness's side.
 _PGBENCH_COMMAND = """\\set n random(1, @TARGETS@)
-SELECT b.user_id AS uid, b.task_id AS tid, t.title AS new_title,
-  jsonb_build_object('title', t.title)::text AS event_data, 'TaskRenamed' AS event_type,
-  'todo_events' AS channel, gen_random_uuid()::text AS request_id
-  FROM bench_targets b, (SELECT 'pgbench ' || md5(random()::text) AS title) t
+SELECT b.user_id AS uid, b.task_id AS tid, r.version AS expected_version,
+  (to_jsonb(r) - 'user_id' - 'task_id') || jsonb_build_object('id', r.task_id, 'title', t.title,
+    'version', r.version + 1, 'updated_at', t.at) AS task_json,
+  jsonb_build_array(jsonb_build_object('version', r.version + 1, 'type', 'TaskRenamed',
+    'data', jsonb_build_object('title', t.title), 'schema_version', 1)) AS events_json,
+  t.at AS occurred_at, 'todo_events' AS channel, gen_random_uuid()::text AS request_id
+  FROM bench_targets b JOIN tasks r ON r.user_id = b.user_id AND r.task_id = b.task_id,
+    (SELECT 'pgbench ' || md5(random()::text) AS title, clock_timestamp() AS at) t
   WHERE b.n = :n \\gset
-BEGIN;
-WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(:uid, 0))) \
-SELECT clock_timestamp() FROM locked \\gset
-SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND task_id = :tid \\gset row_
-\\set next_version :row_version + 1
-\\set schema_version 1
+SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND task_id = :tid;
 @RECORD@;
-COMMIT;
+SELECT pg_current_wal_lsn()::text;
 """
 
 # queries.list_tasks without filters or cursor, `limit` 50 (so LIMIT 51).
@@ -254,25 +253,27 @@ SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND NOT deleted \
 ORDER BY created_at DESC, task_id DESC LIMIT :limit;
 """
 
-# The parameters of commands._RECORD (projection.row_values, eventstore.append_values, the
-# NOTIFY's), as pgbench variables; pgbench's are untyped, so some get a cast.
-_RECORD_VALUES = [
-    ":uid", ":tid", ":new_title", ":row_description", ":row_completed", ":row_priority",
-    "NULLIF(:row_due_date, '')::date", ":row_tags", ":next_version", ":row_created_at",
-    ":clock_timestamp", "NULLIF(:row_completed_at, '')::timestamptz", ":row_deleted",
-    ":uid", ":tid::uuid", ":clock_timestamp::timestamptz", ":request_id", "NULL::text",
-    "ARRAY[:next_version]", "ARRAY[:event_type]", "ARRAY[:event_data]",
-    "ARRAY[:schema_version]",
-    ":channel", ":uid",
-]  # fmt: skip
+# The parameters of commands._RECORD as pgbench variables; pgbench's are untyped, so some
+# get a cast.
+_RECORD_VALUES = {
+    "user_id": ":uid",
+    "task": ":task_json",
+    "expected_version": ":expected_version::int4",
+    "task_id": ":tid::uuid",
+    "occurred_at": ":occurred_at::timestamptz",
+    "request_id": ":request_id",
+    "idempotency_key": "NULL::text",
+    "events": ":events_json",
+    "channel": ":channel",
+}
 
 
 def pgbench_scripts(targets: int) -> dict[str, str]:
     """The pgbench scripts, built from the statements that the service sends."""
     record = commands._RECORD
-    for value in _RECORD_VALUES:
-        record = record.replace("%s", value, 1)
-    assert "%s" not in record
+    for name, value in _RECORD_VALUES.items():
+        record = record.replace(f"%({name})s", value)
+    assert "%(" not in record
     return {
         name: text.replace("@TARGETS@", str(targets))
         .replace("@TASK_COLUMNS@", projection.TASK_COLUMNS)

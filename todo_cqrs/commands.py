@@ -1,24 +1,30 @@
-"""Command handlers: each command is one transaction that appends events and writes the row.
+"""Command handlers: each command's write is one transaction that appends its events and
+writes its row.
 
-The order inside the transaction is what makes the guarantees hold:
+A command is an expected-version write (as in Message DB or the `eventsourcing` library):
 
-1. With an Idempotency-Key, take a try-lock on (user, key): held by a transaction that has
-   not committed yet means `409`; then a stored answer is replayed (or `422` if the request
-   differs).
-2. Take the user's advisory lock. Every command of one user runs one at a time from here
-   to commit, so a task's versions stay contiguous, no update is lost, and the user's event
-   positions commit in increasing order (the feed can never skip one).
-3. Read the task row in a new statement, after the lock, so it sees the previous command's
-   commit; check If-Match; `decide`; fold the new events with `evolve`.
-4. In one statement, upsert the projection row, append the events and NOTIFY the feed
-   (`_RECORD`); store the idempotent answer; commit. One statement locks both tables
-   before any event draws its position, so a command that has drawn positions holds a
-   lock on `tasks`, which the online rebuild relies on.
+1. Read the task row (no lock); check If-Match; `decide`; fold the new events with
+   `evolve`. A deleted task is gone for every command but restore.
+2. Write in one statement (`_RECORD`), which is one transaction by itself: take the user's
+   advisory lock, upsert the row only if it is still at the version read in step 1, append
+   the events only if the row was written, NOTIFY the feed. The lock is held from before
+   the events draw their positions until the commit, so a user's positions commit in
+   increasing order (the feed never skips one); the version check means no update is lost
+   and versions stay contiguous. When another command got there first, nothing is written
+   and the command starts again from step 1, which now sees that command's outcome.
+3. With an Idempotency-Key, steps 1 and 2 run inside a transaction that first takes a
+   try-lock on (user, key) (held by a transaction that has not committed yet means `409`)
+   and replays a stored answer (or `422` if the request differs), and that stores the new
+   answer before it commits.
+
+The statement locks both tables before any event draws its position, so a command that
+has drawn positions holds a lock on `tasks`, which the online rebuild relies on.
 """
 
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -44,12 +50,18 @@ Conn = psycopg.AsyncConnection[Any]
 
 _encode = msgspec.json.Encoder().encode
 
-# A command's outcome: the projection row, its events, and the feed's NOTIFY (delivered at
-# commit), in one statement: one round trip and one parse instead of three.
+# A command's outcome in one statement: the user's lock, the row (if still at the version
+# decided on), its events and the feed's NOTIFY (delivered at commit). It returns a row
+# when it wrote, none when another command changed the task first.
 _RECORD = (
-    f"WITH saved AS ({projection.SAVE_TASK}), appended AS ({eventstore.APPEND_EVENTS})"
-    " SELECT pg_notify(%s, %s)"
+    f"WITH locked AS MATERIALIZED ({eventstore.LOCK_USER}),"
+    f" saved AS ({projection.SAVE_DECIDED_TASK.format(after='locked')}),"
+    f" appended AS ({eventstore.APPEND_EVENTS.format(after='saved')})"
+    " SELECT pg_notify(%(channel)s, %(user_id)s) FROM saved"
 )
+# How often a command starts again because others changed its task first; each round one
+# of them wins, so only a crowd on one task gets this far (and a 409).
+_ATTEMPTS = 50
 
 
 class Answer(msgspec.Struct):
@@ -103,26 +115,31 @@ async def execute(
     async with pool.connection() as conn:
         # Not in pipeline mode: psycopg's pipeline costs this process 28% more instructions
         # per command (measured with callgrind, BENCHMARKS.md), and here the CPU, not the
-        # round trip to the database, is what limits throughput. Six round trips: BEGIN,
-        # the lock, the row, `_RECORD`, COMMIT, the WAL position.
-        async with conn.transaction():
-            answer = await _answer(conn, user_id, task_id, command, if_match, idempotency, meta)
+        # round trip to the database, is what limits throughput. Without an Idempotency-Key
+        # a command makes three round trips (the row, `_RECORD`, the WAL position), each
+        # statement a transaction of its own.
+        if idempotency is None:
+            answer = await _run(conn, user_id, task_id, command, if_match, meta)
+        else:
+            async with conn.transaction():
+                answer = await _run_once(
+                    conn, user_id, task_id, command, if_match, idempotency, meta
+                )
         # After the commit, so that a replica that has replayed this far shows the command.
         answer.consistency_token = await db.wal_position(conn)
     return answer
 
 
-async def _answer(
+async def _run_once(
     conn: Conn,
     user_id: str,
     task_id: UUID,
     command: Command | Problem,
     if_match: frozenset[str] | None,
-    idempotency: Idempotency | None,
+    idempotency: Idempotency,
     meta: eventstore.EventMeta,
 ) -> Answer:
-    if idempotency is None:
-        return await _run(conn, user_id, task_id, command, if_match, meta)
+    """The command under an Idempotency-Key, inside the caller's transaction."""
     stored = await _claim_key(conn, user_id, idempotency)
     if stored is not None:
         return stored
@@ -179,49 +196,72 @@ async def _run(
 ) -> Answer:
     if isinstance(command, Problem):
         raise command  # a request refused before it became a command; stored all the same
-    now = await eventstore.lock_user(conn, user_id)
-    # A statement of its own, after the lock: its snapshot sees the previous command's commit.
     creating = isinstance(command, CreateTask)
-    state = None if creating else await projection.load_task(conn, user_id, task_id)
-    if not creating:
-        # A deleted task is gone for every command but restore, whatever If-Match says.
-        if state is None or (state.deleted and not isinstance(command, RestoreTask)):
-            raise not_found()
-        if if_match is not None and str(state.version) not in if_match:
-            raise Problem(
-                412,
-                f"The task is at version {state.version}; If-Match does not name it.",
-                headers={"ETag": f'"{state.version}"'},
-            )
-    try:
-        events = decide(state, command)
-    except TaskNotFound:
-        raise not_found() from None
-    except TaskNotDeleted:
-        raise Problem(409, "The task is not deleted.") from None
-    version = state.version if state else 0
-    recorded = [
-        Recorded(task_id=task_id, version=version + i, occurred_at=now, event=event)
-        for i, event in enumerate(events, start=1)
-    ]
-    new_state = fold(recorded, state)
-    assert new_state is not None
-    if recorded:
-        await conn.execute(
-            _RECORD,
-            (
-                *projection.row_values(user_id, new_state),
-                *eventstore.append_values(user_id, recorded, meta),
-                eventstore.CHANNEL,
-                user_id,
-            ),
-        )
+    for _ in range(_ATTEMPTS):
+        state = None if creating else await projection.load_task(conn, user_id, task_id)
+        if not creating:
+            # A deleted task is gone for every command but restore, whatever If-Match says.
+            if state is None or (state.deleted and not isinstance(command, RestoreTask)):
+                raise not_found()
+            if if_match is not None and str(state.version) not in if_match:
+                raise Problem(
+                    412,
+                    f"The task is at version {state.version}; If-Match does not name it.",
+                    headers={"ETag": f'"{state.version}"'},
+                )
+        try:
+            events = decide(state, command)
+        except TaskNotFound:
+            raise not_found() from None
+        except TaskNotDeleted:
+            raise Problem(409, "The task is not deleted.") from None
+        version = state.version if state else 0
+        # The service's clock, never before the task's last event: time travel by `as_of`
+        # needs a task's events in time order, whichever host (and clock) wrote them.
+        now = datetime.now(UTC) if state is None else max(datetime.now(UTC), state.updated_at)
+        recorded = [
+            Recorded(task_id=task_id, version=version + i, occurred_at=now, event=event)
+            for i, event in enumerate(events, start=1)
+        ]
+        new_state = fold(recorded, state)
+        assert new_state is not None
+        body = _encode(new_state)
+        if not recorded or await _record(conn, user_id, version, body, recorded, meta):
+            break
+    else:
+        raise Problem(409, "The task is changing too fast to apply this; retry.")
     etag = f'"{new_state.version}"'
     if creating:
-        return Answer(201, _encode(new_state), location=f"/tasks/{task_id}", etag=etag)
+        return Answer(201, body, location=f"/tasks/{task_id}", etag=etag)
     if isinstance(command, DeleteTask):
         return Answer(204)
-    return Answer(200, _encode(new_state), etag=etag)
+    return Answer(200, body, etag=etag)
+
+
+async def _record(
+    conn: Conn,
+    user_id: str,
+    expected_version: int,
+    task_json: bytes,
+    recorded: list[Recorded],
+    meta: eventstore.EventMeta,
+) -> bool:
+    """`_RECORD`; False when the task is no longer at `expected_version`."""
+    cur = await conn.execute(
+        _RECORD,
+        {
+            "user_id": user_id,
+            "task": task_json.decode(),
+            "expected_version": expected_version,
+            "task_id": recorded[0].task_id,
+            "occurred_at": recorded[0].occurred_at,
+            "request_id": meta.request_id,
+            "idempotency_key": meta.idempotency_key,
+            "events": eventstore.new_events_json(recorded),
+            "channel": eventstore.CHANNEL,
+        },
+    )
+    return cur.rowcount == 1
 
 
 async def prune_idempotency_keys(pool: AsyncConnectionPool) -> int:

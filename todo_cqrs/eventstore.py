@@ -76,30 +76,39 @@ def decode_event(type_name: str, data: str | bytes, schema_version: int | None =
 
 
 # A command's events, in version order so that their positions are in that order too. One
-# command's events share the task, the time and the request; the rest comes as arrays.
+# command's events share the task, the time and the request; the rest comes as one JSON
+# array (`new_events_json`). `{after}` names a CTE whose row must exist first: the
+# command's written row, so that no event is appended when the row was not.
 APPEND_EVENTS = (
     "INSERT INTO events (user_id, task_id, version, type, data, schema_version, occurred_at,"
     " request_id, idempotency_key)"
-    " SELECT %s, %s, e.version, e.type, e.data::jsonb, e.schema_version, %s, %s, %s"
-    " FROM unnest(%s::int4[], %s::text[], %s::text[], %s::int4[])"
-    " AS e(version, type, data, schema_version) ORDER BY e.version"
+    " SELECT %(user_id)s, %(task_id)s, e.version, e.type, e.data, e.schema_version,"
+    " %(occurred_at)s, %(request_id)s, %(idempotency_key)s"
+    " FROM {after}, jsonb_to_recordset(%(events)s::jsonb)"
+    " AS e(version int4, type text, data jsonb, schema_version int4) ORDER BY e.version"
 )
 
 
-def append_values(user_id: str, events: list[Recorded], meta: EventMeta) -> tuple[Any, ...]:
-    """The parameters of APPEND_EVENTS for one command's events (one task, one time)."""
-    first = events[0]
-    return (
-        user_id,
-        first.task_id,
-        first.occurred_at,
-        meta.request_id,
-        meta.idempotency_key,
-        [r.version for r in events],
-        [event_type(r.event) for r in events],
-        [_encode(event_data(r.event)).decode() for r in events],
-        [SCHEMA_VERSIONS[event_type(r.event)] for r in events],
-    )
+class _NewEvent(msgspec.Struct):
+    version: int
+    type: str
+    data: dict[str, object]
+    schema_version: int
+
+
+def new_events_json(events: list[Recorded]) -> str:
+    """The `events` parameter of APPEND_EVENTS."""
+    return _encode(
+        [
+            _NewEvent(
+                version=r.version,
+                type=event_type(r.event),
+                data=event_data(r.event),
+                schema_version=SCHEMA_VERSIONS[event_type(r.event)],
+            )
+            for r in events
+        ]
+    ).decode()
 
 
 _STORED_COLUMNS = (
@@ -179,23 +188,16 @@ async def task_exists(conn: Conn, user_id: str, task_id: UUID) -> bool:
     return await cur.fetchone() is not None
 
 
-async def lock_user(conn: Conn, user_id: str) -> datetime:
-    """Serialise the user's appends until this transaction ends; return the clock after.
+# Serialises a user's appends until the transaction ends (parameter `user_id`). Every
+# command of a user holds it from before its events draw their positions until it commits,
+# so a user's positions become visible in increasing order: a reader of `position > P`
+# never steps over an event that commits later.
+LOCK_USER = "SELECT pg_advisory_xact_lock(hashtextextended(%(user_id)s, 0))"
 
-    Every command of a user holds this lock from before its events draw their positions
-    until it commits, so a user's positions become visible in increasing order: a reader of
-    `position > P` never steps over an event that commits later. The time is read after
-    the wait, so a task's events never go back in time.
-    """
-    cur = await conn.execute(
-        "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)))"
-        " SELECT clock_timestamp() FROM locked",
-        (user_id,),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    now: datetime = row[0]
-    return now
+
+async def lock_user(conn: Conn, user_id: str) -> None:
+    """Take the user's append lock (LOCK_USER) for the rest of this transaction."""
+    await conn.execute(LOCK_USER, {"user_id": user_id})
 
 
 def _all_current_sql() -> str:

@@ -17,6 +17,8 @@ from todo_cqrs.eventstore import copy_task_streams, decode_event, lock_user
 
 Conn = psycopg.AsyncConnection[Any]
 
+_encode = msgspec.json.Encoder().encode
+
 # The columns of a task row, in the order that `task_from_row` reads them.
 TASK_COLUMNS = (
     "task_id, title, description, completed, priority, due_date, tags, version,"
@@ -42,24 +44,6 @@ def task_from_row(row: tuple[Any, ...]) -> Task:
     )
 
 
-def row_values(user_id: str, task: Task) -> tuple[Any, ...]:
-    return (
-        user_id,
-        task.id,
-        task.title,
-        task.description,
-        task.completed,
-        task.priority,
-        task.due_date,
-        task.tags,
-        task.version,
-        task.created_at,
-        task.updated_at,
-        task.completed_at,
-        task.deleted,
-    )
-
-
 async def load_task(conn: Conn, user_id: str, task_id: UUID, table: str = "tasks") -> Task | None:
     """The task's current state, deleted or not; the caller holds the user's lock."""
     cur = await conn.execute(
@@ -70,19 +54,34 @@ async def load_task(conn: Conn, user_id: str, task_id: UUID, table: str = "tasks
     return task_from_row(row) if row else None
 
 
+# A task row from the task's JSON (the API's shape, `deleted` only when true): one text
+# parameter that msgspec encodes, in place of thirteen typed ones that psycopg adapts one
+# by one in Python (a text[] through a regex). `{after}` names a CTE whose row must exist
+# first (a command's lock); `{only_if}` a condition on the row being replaced.
 _SAVE = (
-    "INSERT INTO {table} (user_id, " + TASK_COLUMNS + f") VALUES ({', '.join(['%s'] * 13)})"
+    "INSERT INTO {table} (user_id, " + TASK_COLUMNS + ")"
+    " SELECT %(user_id)s, t.id, t.title, t.description, t.completed, t.priority, t.due_date,"
+    " t.tags, t.version, t.created_at, t.updated_at, t.completed_at, coalesce(t.deleted, false)"
+    " FROM {after}jsonb_to_record(%(task)s::jsonb) AS t(id uuid, title text, description text,"
+    " completed bool, priority text, due_date date, tags text[], version int4,"
+    " created_at timestamptz, updated_at timestamptz, completed_at timestamptz, deleted bool)"
     " ON CONFLICT (user_id, task_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMN_NAMES[1:])
+    + "{only_if}"
+)
+
+# A command's row: after its lock, and only over the version it was decided on (parameter
+# `expected_version`; 0 for a new task, which no row has). It returns a row when written.
+SAVE_DECIDED_TASK = _SAVE.format(
+    table="tasks",
+    after="{after}, ",
+    only_if=" WHERE tasks.version = %(expected_version)s RETURNING 1",
 )
 
 
-SAVE_TASK = _SAVE.format(table="tasks")
-
-
 async def save_task(conn: Conn, user_id: str, task: Task, table: str = "tasks") -> None:
-    sql = SAVE_TASK if table == "tasks" else _SAVE.format(table=table)
-    await conn.execute(sql, row_values(user_id, task))
+    sql = _SAVE.format(table=table, after="", only_if="")
+    await conn.execute(sql, {"user_id": user_id, "task": _encode(task).decode()})
 
 
 # --- rebuilding the projection from the events ----------------------------------------------
