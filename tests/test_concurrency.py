@@ -4,6 +4,7 @@ the events, as the database itself shows."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import uuid
@@ -25,9 +26,11 @@ from helpers import (
     version_gaps,
 )
 
+from todo_cqrs import commands, db
 from todo_cqrs.domain import (
     Command,
     CompleteTask,
+    CreateTask,
     EditTask,
     ReopenTask,
     Task,
@@ -245,3 +248,77 @@ def test_parallel_retries_with_one_idempotency_key_create_one_task(
     assert len(streams) == rounds
     assert [len(s) for s in streams.values()] == [1] * rounds
     assert differences(rows, fold_streams(streams)) == {}
+
+
+def test_a_command_that_loses_the_race_starts_over_from_the_new_version(
+    database_url: str,
+) -> None:
+    """Two edits read version 1 and then wait for the user's lock (held here): the first to
+    write makes version 2, the other finds the row moved on, writes nothing, reads again and
+    makes version 3. Both are answered 200 and no event is lost or doubled."""
+    user, task_id = f"loser-{uuid.uuid4()}", uuid.uuid4()
+
+    def waiting_for_the_lock(conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def scenario() -> tuple[commands.Answer, commands.Answer]:
+        pool = db.create_pool(database_url, min_size=2, max_size=4, timeout=10)
+        await pool.open()
+        try:
+            created = await commands.execute(
+                pool, user, task_id, parse_command(CreateTask, {"title": "one"})
+            )
+            assert created.status == 201
+            with (
+                psycopg.connect(database_url) as holder,
+                psycopg.connect(database_url, autocommit=True) as watcher,
+            ):
+                holder.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (user,))
+                edits = [
+                    asyncio.create_task(
+                        commands.execute(
+                            pool, user, task_id, parse_command(EditTask, {"title": title})
+                        )
+                    )
+                    for title in ("two", "three")
+                ]
+                for _ in range(500):
+                    if waiting_for_the_lock(watcher) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                assert waiting_for_the_lock(watcher) == 2, "both edits should wait for the lock"
+                holder.rollback()
+            first, second = await asyncio.gather(*edits)
+            return first, second
+        finally:
+            await pool.close()
+
+    first, second = asyncio.run(scenario())
+    assert (first.status, second.status) == (200, 200)
+    bodies = [msgspec.json.decode(a.body, type=Task) for a in (first, second)]
+    assert sorted(b.version for b in bodies) == [2, 3]
+    with psycopg.connect(database_url) as conn:
+        events = conn.execute(
+            "SELECT version, type, data->>'title' FROM events"
+            " WHERE user_id = %s AND task_id = %s ORDER BY position",
+            (user, task_id),
+        ).fetchall()
+        row = conn.execute(
+            "SELECT version, title FROM tasks WHERE user_id = %s AND task_id = %s",
+            (user, task_id),
+        ).fetchone()
+    last = max(bodies, key=lambda b: b.version)
+    assert [(v, t) for v, t, _ in events] == [
+        (1, "TaskCreated"),
+        (2, "TaskRenamed"),
+        (3, "TaskRenamed"),
+    ]
+    assert [title for _, _, title in events] == [
+        "one",
+        *[b.title for b in sorted(bodies, key=lambda b: b.version)],
+    ]
+    assert row == (3, last.title)
