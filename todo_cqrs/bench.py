@@ -1009,11 +1009,12 @@ def report(run: Run) -> str:
 
 The ceiling: `pgbench -M prepared -c {o.connections} -j 2 -T {o.duration}` straight at the same
 database (the service stopped), running the statements that the service sends: `command` is a
-PATCH that renames a task (BEGIN, the user's advisory lock and clock, the row read, the
-projection upsert, the event insert, pg_notify, COMMIT), `list` is the list query (LIMIT 51).
-Each transaction first reads a random target from `bench_targets` (one primary-key read), so
-the ceiling is a little lower than the statements' alone. Commands are compared with the
-command script, reads with the list script, mixed with their 20/80 blend.
+PATCH that renames a task (the row read; one statement with the user's advisory lock, the
+projection upsert over the version read, the event insert and pg_notify; the WAL position),
+`list` is the list query (LIMIT 51). Each transaction first picks a random target from
+`bench_targets` (for a command it also reads the row and builds the JSON that the service
+builds in Python), so the ceiling is a little lower than the statements' alone. Commands are
+compared with the command script, reads with the list script, mixed with their 20/80 blend.
 
 | pgbench script | tps | latency average (ms) | failed |
 | --- | --- | --- | --- |
