@@ -155,6 +155,21 @@ POOL_WAITING = Gauge(
 )
 
 
+# The labelled children of REQUESTS and LATENCY, looked up once per (method, route, status):
+# `labels()` checks and joins its arguments on every call.
+_CHILDREN: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
+def _count(method: str, route: str, status: int, elapsed: float) -> None:
+    children = _CHILDREN.get((method, route, status))
+    if children is None:
+        labels = (method, route, str(status))
+        children = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
+        _CHILDREN[(method, route, status)] = children
+    children[0].inc()
+    children[1].observe(elapsed)
+
+
 def _update_pool_gauges(pool: AsyncConnectionPool) -> None:
     stats = pool.get_stats()
     size = stats.get("pool_size", 0)
@@ -233,9 +248,7 @@ class ServiceEdge:
                 await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("path_template") or "unrouted"
-            REQUESTS.labels(method, route, str(status)).inc()
-            LATENCY.labels(method, route, str(status)).observe(elapsed)
+            _count(method, scope.get("path_template") or "unrouted", status, elapsed)
             log.info(
                 "request",
                 extra={

@@ -19,29 +19,14 @@ Conn = psycopg.AsyncConnection[Any]
 
 _encode = msgspec.json.Encoder().encode
 
-# The columns of a task row, in the order that `task_from_row` reads them.
-TASK_COLUMNS = (
-    "task_id, title, description, completed, priority, due_date, tags, version,"
-    " created_at, updated_at, completed_at, deleted"
-)
-_COLUMN_NAMES = [c.strip() for c in TASK_COLUMNS.split(",")]
+# The columns of a task row: Task's fields in their order (the id is `task_id` here), so
+# that a row is Task's positional arguments.
+_COLUMN_NAMES = ["task_id" if name == "id" else name for name in Task.__struct_fields__]
+TASK_COLUMNS = ", ".join(_COLUMN_NAMES)
 
 
 def task_from_row(row: tuple[Any, ...]) -> Task:
-    return Task(
-        id=row[0],
-        title=row[1],
-        description=row[2],
-        completed=row[3],
-        priority=row[4],
-        due_date=row[5],
-        tags=row[6],
-        version=row[7],
-        created_at=row[8],
-        updated_at=row[9],
-        completed_at=row[10],
-        deleted=row[11],
-    )
+    return Task(*row)
 
 
 async def load_task(conn: Conn, user_id: str, task_id: UUID, table: str = "tasks") -> Task | None:
