@@ -55,8 +55,8 @@ _encode = msgspec.json.Encoder().encode
 # when it wrote, none when another command changed the task first.
 _RECORD = (
     f"WITH locked AS MATERIALIZED ({eventstore.LOCK_USER}),"
-    f" saved AS ({projection.SAVE_DECIDED_TASK.format(after='locked')}),"
-    f" appended AS ({eventstore.APPEND_EVENTS.format(after='saved')})"
+    f" saved AS ({projection.save_decided_task_sql(after='locked')}),"
+    f" appended AS ({eventstore.append_events_sql(after='saved')})"
     " SELECT pg_notify(%(channel)s, %(user_id)s) FROM saved"
 )
 # How often a command starts again because others changed its task first; each round one
@@ -122,7 +122,7 @@ async def execute(
             answer = await _run(conn, user_id, task_id, command, if_match, meta)
         else:
             async with conn.transaction():
-                answer = await _run_once(
+                answer = await _run_idempotent(
                     conn, user_id, task_id, command, if_match, idempotency, meta
                 )
         # After the commit, so that a replica that has replayed this far shows the command.
@@ -130,7 +130,7 @@ async def execute(
     return answer
 
 
-async def _run_once(
+async def _run_idempotent(
     conn: Conn,
     user_id: str,
     task_id: UUID,

@@ -77,9 +77,8 @@ def decode_event(type_name: str, data: str | bytes, schema_version: int | None =
 
 # A command's events, in version order so that their positions are in that order too. One
 # command's events share the task, the time and the request; the rest comes as one JSON
-# array (`new_events_json`). `{after}` names a CTE whose row must exist first: the
-# command's written row, so that no event is appended when the row was not.
-APPEND_EVENTS = (
+# array (`new_events_json`).
+_APPEND_EVENTS = (
     "INSERT INTO events (user_id, task_id, version, type, data, schema_version, occurred_at,"
     " request_id, idempotency_key)"
     " SELECT %(user_id)s, %(task_id)s, e.version, e.type, e.data, e.schema_version,"
@@ -87,6 +86,12 @@ APPEND_EVENTS = (
     " FROM {after}, jsonb_to_recordset(%(events)s::jsonb)"
     " AS e(version int4, type text, data jsonb, schema_version int4) ORDER BY e.version"
 )
+
+
+def append_events_sql(after: str) -> str:
+    """A command's event insert, for a CTE: it joins the CTE `after` (the command's written
+    row), so no event is appended when the row was not written."""
+    return _APPEND_EVENTS.format(after=after)
 
 
 class _NewEvent(msgspec.Struct):
@@ -97,7 +102,7 @@ class _NewEvent(msgspec.Struct):
 
 
 def new_events_json(events: list[Recorded]) -> str:
-    """The `events` parameter of APPEND_EVENTS."""
+    """The `events` parameter of `append_events_sql`."""
     return _encode(
         [
             _NewEvent(

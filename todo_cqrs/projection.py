@@ -30,7 +30,7 @@ def task_from_row(row: tuple[Any, ...]) -> Task:
 
 
 async def load_task(conn: Conn, user_id: str, task_id: UUID, table: str = "tasks") -> Task | None:
-    """The task's current state, deleted or not; the caller holds the user's lock."""
+    """The task's current state, deleted or not."""
     cur = await conn.execute(
         f"SELECT {TASK_COLUMNS} FROM {table} WHERE user_id = %s AND task_id = %s",
         (user_id, task_id),
@@ -55,13 +55,17 @@ _SAVE = (
     + "{only_if}"
 )
 
-# A command's row: after its lock, and only over the version it was decided on (parameter
-# `expected_version`; 0 for a new task, which no row has). It returns a row when written.
-SAVE_DECIDED_TASK = _SAVE.format(
-    table="tasks",
-    after="{after}, ",
-    only_if=" WHERE tasks.version = %(expected_version)s RETURNING 1",
-)
+
+def save_decided_task_sql(after: str) -> str:
+    """A command's row upsert, for a CTE: it joins the CTE `after` (the command's lock), so
+    it writes nothing before that yields its row, and it replaces the row only at the
+    version the command was decided on (parameter `expected_version`; 0 for a new task,
+    which no row has). It returns a row when it wrote."""
+    return _SAVE.format(
+        table="tasks",
+        after=f"{after}, ",
+        only_if=" WHERE tasks.version = %(expected_version)s RETURNING 1",
+    )
 
 
 async def save_task(conn: Conn, user_id: str, task: Task, table: str = "tasks") -> None:
