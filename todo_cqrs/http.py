@@ -80,7 +80,8 @@ _encode = msgspec.json.Encoder().encode
 _REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _IDEMPOTENCY_KEY_FORM = re.compile(r"[\x20-\x7e]{1,255}")
 _VERSION_MAX = 2**31 - 1  # events.version is a PostgreSQL integer
-# Sent with every command answer; a query that sends it back sees that command's effect.
+# Sent with every command answer when queries may go to a replica (QUERY_DATABASE_URL); a
+# query that sends it back sees that command's effect.
 CONSISTENCY_TOKEN = "X-Consistency-Token"
 ConsistencyToken = Annotated[
     str | None,
@@ -461,6 +462,7 @@ async def _command(
         if_match=if_match,
         idempotency=idempotency,
         request_id=REQUEST_ID.get(),
+        consistency_token=request.app.state.router.replica is not None,
     )
     return _answer(answer)
 
