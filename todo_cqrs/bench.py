@@ -225,8 +225,8 @@ end
 """
 
 # The SQL of one PATCH that renames a task, as commands.execute sends it without an
-# Idempotency-Key: projection.load_task; commands._RECORD (the lock, the row, the event and
-# pg_notify in one statement); db.wal_position. The first statement is the harness's: it
+# Idempotency-Key and without a replica: projection.load_task; commands._RECORD (the lock,
+# the row, the event and pg_notify in one statement). The first statement is the harness's: it
 # picks a random seeded task and computes what the service computes in Python (the new
 # title, the task's JSON after the rename, the event's JSON); reading the row there too
 # adds one primary-key read per transaction to the harness's side.
@@ -242,7 +242,6 @@ SELECT b.user_id AS uid, b.task_id AS tid, r.version AS expected_version,
   WHERE b.n = :n \\gset
 SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND task_id = :tid;
 @RECORD@;
-SELECT pg_current_wal_lsn()::text;
 """
 
 # queries.list_tasks without filters or cursor, `limit` 50 (so LIMIT 51).
@@ -1014,11 +1013,11 @@ def report(run: Run) -> str:
 The ceiling: `pgbench -M prepared -c {o.connections} -j 2 -T {o.duration}` straight at the same
 database (the service stopped), running the statements that the service sends: `command` is a
 PATCH that renames a task (the row read; one statement with the user's advisory lock, the
-projection upsert over the version read, the event insert and pg_notify; the WAL position),
-`list` is the list query (LIMIT 51). Each transaction first picks a random target from
-`bench_targets` (for a command it also reads the row and builds the JSON that the service
-builds in Python), so the ceiling is a little lower than the statements' alone. Commands are
-compared with the command script, reads with the list script, mixed with their 20/80 blend.
+projection upsert over the version read, the event insert and pg_notify), `list` is the list
+query (LIMIT 51). Each transaction first picks a random target from `bench_targets` (for a
+command it also reads the row and builds the JSON that the service builds in Python), so the
+ceiling is a little lower than the statements' alone. Commands are compared with the command
+script, reads with the list script, mixed with their 20/80 blend.
 
 | pgbench script | tps | latency average (ms) | failed |
 | --- | --- | --- | --- |
