@@ -11,7 +11,8 @@ A command is an expected-version write (as in Message DB or the `eventsourcing` 
    the events draw their positions until the commit, so a user's positions commit in
    increasing order (the feed never skips one); the version check means no update is lost
    and versions stay contiguous. When another command got there first, nothing is written
-   and the command starts again from step 1, which now sees that command's outcome.
+   and the command runs steps 1 and 2 again inside a transaction that takes the user's lock
+   first, where no other command of the user can overtake it.
 3. With an Idempotency-Key, steps 1 and 2 run inside a transaction that first takes a
    try-lock on (user, key) (held by a transaction that has not committed yet means `409`)
    and replays a stored answer (or `422` if the request differs), and that stores the new
@@ -59,9 +60,6 @@ _RECORD = (
     f" appended AS ({eventstore.append_events_sql(after='saved')})"
     " SELECT pg_notify(%(channel)s, %(user_id)s) FROM saved"
 )
-# How often a command starts again because others changed its task first; each round one
-# of them wins, so only a crowd on one task gets this far (and a 409).
-_ATTEMPTS = 50
 
 
 class Answer(msgspec.Struct):
@@ -200,40 +198,60 @@ async def _run(
 ) -> Answer:
     if isinstance(command, Problem):
         raise command  # a request refused before it became a command; stored all the same
+    answer = await _attempt(conn, user_id, task_id, command, if_match, meta)
+    if answer is None:
+        # Another command changed the task between this one's read and its write. Again,
+        # under the user's lock: no command of the user writes until this one commits, so
+        # this attempt cannot lose, and a crowd on one task starves nobody. (Inside the
+        # Idempotency-Key transaction this is a savepoint.)
+        async with conn.transaction():
+            await eventstore.lock_user(conn, user_id)
+            answer = await _attempt(conn, user_id, task_id, command, if_match, meta)
+        if answer is None:
+            raise RuntimeError(f"task {task_id} changed while its user's lock was held")
+    return answer
+
+
+async def _attempt(
+    conn: Conn,
+    user_id: str,
+    task_id: UUID,
+    command: Command,
+    if_match: frozenset[str] | None,
+    meta: eventstore.EventMeta,
+) -> Answer | None:
+    """Read, decide, write; None when another command changed the task in between."""
     creating = isinstance(command, CreateTask)
-    for _ in range(_ATTEMPTS):
-        state = None if creating else await projection.load_task(conn, user_id, task_id)
-        if not creating:
-            # A deleted task is gone for every command but restore, whatever If-Match says.
-            if state is None or (state.deleted and not isinstance(command, RestoreTask)):
-                raise not_found()
-            if if_match is not None and str(state.version) not in if_match:
-                raise Problem(
-                    412,
-                    f"The task is at version {state.version}; If-Match does not name it.",
-                    headers={"ETag": f'"{state.version}"'},
-                )
-        try:
-            events = decide(state, command)
-        except TaskNotFound:
-            raise not_found() from None
-        except TaskNotDeleted:
-            raise Problem(409, "The task is not deleted.") from None
-        version = state.version if state else 0
-        # The service's clock, never before the task's last event: time travel by `as_of`
-        # needs a task's events in time order, whichever host (and clock) wrote them.
-        now = datetime.now(UTC) if state is None else max(datetime.now(UTC), state.updated_at)
-        recorded = [
-            Recorded(task_id=task_id, version=version + i, occurred_at=now, event=event)
-            for i, event in enumerate(events, start=1)
-        ]
-        new_state = fold(recorded, state)
-        assert new_state is not None
-        body = _encode(new_state)
-        if not recorded or await _record(conn, user_id, version, body, recorded, meta):
-            break
-    else:
-        raise Problem(409, "The task is changing too fast to apply this; retry.")
+    state = None if creating else await projection.load_task(conn, user_id, task_id)
+    if not creating:
+        # A deleted task is gone for every command but restore, whatever If-Match says.
+        if state is None or (state.deleted and not isinstance(command, RestoreTask)):
+            raise not_found()
+        if if_match is not None and str(state.version) not in if_match:
+            raise Problem(
+                412,
+                f"The task is at version {state.version}; If-Match does not name it.",
+                headers={"ETag": f'"{state.version}"'},
+            )
+    try:
+        events = decide(state, command)
+    except TaskNotFound:
+        raise not_found() from None
+    except TaskNotDeleted:
+        raise Problem(409, "The task is not deleted.") from None
+    version = state.version if state else 0
+    # The service's clock, never before the task's last event: time travel by `as_of` needs
+    # a task's events in time order, whichever host (and clock) wrote them.
+    now = datetime.now(UTC) if state is None else max(datetime.now(UTC), state.updated_at)
+    recorded = [
+        Recorded(task_id=task_id, version=version + i, occurred_at=now, event=event)
+        for i, event in enumerate(events, start=1)
+    ]
+    new_state = fold(recorded, state)
+    assert new_state is not None
+    body = _encode(new_state)
+    if recorded and not await _record(conn, user_id, version, body, recorded, meta):
+        return None
     etag = f'"{new_state.version}"'
     if creating:
         return Answer(201, body, location=f"/tasks/{task_id}", etag=etag)
