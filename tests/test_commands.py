@@ -4,9 +4,10 @@ commands, If-Match and Idempotency-Key (API.md, "Commands")."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from conftest import assert_problem
 
@@ -229,6 +230,31 @@ def test_updated_at_is_the_time_of_the_latest_event(api: Any) -> None:
 
 
 # --- complete / reopen ------------------------------------------------------------------------
+
+
+def test_a_tasks_event_times_never_go_back(api: Any, database_url: str) -> None:
+    """Event times come from the clock of the process that runs the command, and hosts'
+    clocks differ: a task last changed by a host whose clock is an hour ahead gets its next
+    event at that time, not earlier, so time travel by `as_of` sees the events in order."""
+    task = api.create(title="clock")
+    ahead = datetime.now(UTC) + timedelta(hours=1)
+    with psycopg.connect(database_url) as conn:  # as if a host an hour ahead had created it
+        conn.execute(
+            "UPDATE events SET occurred_at = %s WHERE user_id = %s AND task_id = %s",
+            (ahead, api.user, task["id"]),
+        )
+        conn.execute(
+            "UPDATE tasks SET created_at = %s, updated_at = %s WHERE user_id = %s AND task_id = %s",
+            (ahead, ahead, api.user, task["id"]),
+        )
+    renamed = api.patch(f"/tasks/{task['id']}", json={"title": "later"})
+    assert renamed.status_code == 200, renamed.text
+    assert ts(renamed.json()["updated_at"]) == ahead
+    assert [ts(event["occurred_at"]) for event in history(api, task["id"])] == [ahead, ahead]
+    # ... while a task whose last event is in the past gets the process's own time.
+    before = datetime.now(UTC)
+    later = api.patch(f"/tasks/{api.create(title='now')['id']}", json={"title": "now 2"})
+    assert before <= ts(later.json()["updated_at"]) <= datetime.now(UTC)
 
 
 def test_complete_and_reopen(api: Any) -> None:
