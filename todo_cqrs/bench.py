@@ -447,15 +447,20 @@ def _token(secret: str, user: str, ttl: int) -> str:
     return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, secret, algorithm="HS256")
 
 
+def _user_client(base_url: str, token: str, timeout: float = 30.0) -> httpx.Client:
+    """An HTTP client of the service that speaks as the token's user."""
+    return httpx.Client(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=timeout,
+        trust_env=False,
+    )
+
+
 def _seed_user(base_url: str, token: str, user: str, count: int) -> list[str]:
     """Create `count` tasks for one user through the API; their ids."""
     ids = []
-    with httpx.Client(
-        base_url=base_url,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=30.0,
-        trust_env=False,
-    ) as client:
+    with _user_client(base_url, token) as client:
         for i in range(count):
             body: dict[str, object] = {
                 "title": f"Seeded task {i} of {user}",
@@ -477,12 +482,7 @@ def _age_tasks(base_url: str, token: str, ids: list[str]) -> None:
     """Give each task the events that `todo-cqrs generate` gives a task of --big after its
     TaskCreated (renamed, priority and tags changed: one PATCH; then completed), so that the
     small and the big data sets differ in size, not in shape: 5 events a task, as in --big."""
-    with httpx.Client(
-        base_url=base_url,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=30.0,
-        trust_env=False,
-    ) as client:
+    with _user_client(base_url, token) as client:
         for i, task_id in enumerate(ids):
             # A priority other than the one _seed_user gave task i, so that it is an event.
             priority = ("medium", "high", "low")[i % 3]
@@ -902,8 +902,7 @@ def bench_instructions(server_url: str, requests: int, folder: Path) -> str:
                 raise RuntimeError(f"uvicorn under valgrind did not start; see {folder}")
             time.sleep(1)
         ids = _seed_user(base_url, token, user, 60)
-        headers = {"Authorization": f"Bearer {token}"}
-        with httpx.Client(base_url=base_url, headers=headers, timeout=120, trust_env=False) as c:
+        with _user_client(base_url, token, timeout=120) as c:
             for dumps, kind in enumerate(INSTRUCTION_KINDS, start=1):
                 for i in range(20):
                     _send(c, kind, ids, i)
