@@ -23,6 +23,11 @@ _encode = msgspec.json.Encoder().encode
 # that a row is Task's positional arguments.
 _COLUMN_NAMES = ["task_id" if name == "id" else name for name in Task.__struct_fields__]
 TASK_COLUMNS = ", ".join(_COLUMN_NAMES)
+# Their PostgreSQL types, for the rebuild's COPY and for reading a row out of a task's JSON.
+_COLUMN_TYPES = [
+    "uuid", "text", "text", "bool", "text", "date", "text[]", "int4",
+    "timestamptz", "timestamptz", "timestamptz", "bool",
+]  # fmt: skip
 
 
 def task_from_row(row: tuple[Any, ...]) -> Task:
@@ -44,12 +49,16 @@ async def load_task(conn: Conn, user_id: str, task_id: UUID, table: str = "tasks
 # by one in Python (a text[] through a regex). `{after}` names a CTE whose row must exist
 # first (a command's lock); `{only_if}` a condition on the row being replaced.
 _SAVE = (
-    "INSERT INTO {table} (user_id, " + TASK_COLUMNS + ")"
-    " SELECT %(user_id)s, t.id, t.title, t.description, t.completed, t.priority, t.due_date,"
-    " t.tags, t.version, t.created_at, t.updated_at, t.completed_at, coalesce(t.deleted, false)"
-    " FROM {after}jsonb_to_record(%(task)s::jsonb) AS t(id uuid, title text, description text,"
-    " completed bool, priority text, due_date date, tags text[], version int4,"
-    " created_at timestamptz, updated_at timestamptz, completed_at timestamptz, deleted bool)"
+    "INSERT INTO {table} (user_id, "
+    + TASK_COLUMNS
+    + ") SELECT %(user_id)s, "
+    + ", ".join(
+        "coalesce(t.deleted, false)" if name == "deleted" else f"t.{name}"
+        for name in Task.__struct_fields__
+    )
+    + " FROM {after}jsonb_to_record(%(task)s::jsonb) AS t("
+    + ", ".join(f"{n} {t}" for n, t in zip(Task.__struct_fields__, _COLUMN_TYPES, strict=True))
+    + ")"
     " ON CONFLICT (user_id, task_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMN_NAMES[1:])
     + "{only_if}"
@@ -322,10 +331,7 @@ async def rebuild_user(
     return RebuildSummary(events=count.events, tasks=written)
 
 
-_ROW_TYPES = [
-    "text", "uuid", "text", "text", "bool", "text", "date", "text[]", "int4",
-    "timestamptz", "timestamptz", "timestamptz", "bool",
-]  # fmt: skip
+_ROW_TYPES = ["text", *_COLUMN_TYPES]  # user_id, then the task's columns
 
 
 async def _copy_rows(conn: Conn) -> AsyncIterator[tuple[str, Task]]:
