@@ -3,6 +3,7 @@ pages, one task with ETag / If-None-Match, and a task's history (API.md, "Querie
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from datetime import datetime
@@ -10,6 +11,8 @@ from typing import Any
 
 import psycopg
 import pytest
+
+from todo_cqrs import projection
 
 EVENT_KEYS = {"position", "task_id", "version", "type", "data", "occurred_at", "meta"}
 
@@ -81,11 +84,13 @@ def test_list_is_newest_first(api: Any) -> None:
 
 def test_list_breaks_created_at_ties_by_id_descending(api: Any, database_url: str) -> None:
     created = [api.create(title=f"t{i}") for i in range(7)]
-    # Tie the creation times in the projection, which is what the list reads.
+    # Tie the creation times in the projection, which is what the list reads (the column
+    # orders, the body is what the answer shows).
     with psycopg.connect(database_url, autocommit=True) as conn:
         updated = conn.execute(
-            "UPDATE tasks SET created_at = '2026-01-01T00:00:00Z' WHERE user_id = %s"
-            " AND task_id = ANY(%s)",
+            "UPDATE tasks SET created_at = '2026-01-01T00:00:00Z',"
+            " body = jsonb_set(body::jsonb, '{created_at}', '\"2026-01-01T00:00:00Z\"')::text"
+            " WHERE user_id = %s AND task_id = ANY(%s)",
             (api.user, [uuid.UUID(t["id"]) for t in created[1:6]]),
         )
         assert updated.rowcount == 5
@@ -389,3 +394,37 @@ def test_history_works_after_deletion(api: Any) -> None:
 def test_history_refuses_bad_parameters_with_400(api: Any, params: dict[str, str]) -> None:
     task = api.create()
     assert_problem(api.get(f"/tasks/{task['id']}/history", params=params), 400)
+
+
+def test_queries_send_the_json_that_the_command_answered_byte_for_byte(
+    api: Any, database_url: str
+) -> None:
+    """Queries send the row's stored JSON (`body`). Whoever wrote the row (a command, the
+    rebuild, migration 0003's fill), a query answers with the command's bytes."""
+    created = api.create(
+        title='tab\there, "quoted", é ✓',
+        description="line\nbreak \\ back\\slash \u2028 \x01",
+        tags=["a\tb", "ü"],
+        due_date="2026-12-24",
+        priority="high",
+    )
+    task_id = created["id"]
+    answered = api.patch(f"/tasks/{task_id}", json={"completed": True})
+    assert answered.status_code == 200, answered.text
+
+    def reads_back_as_answered() -> None:
+        got = api.get(f"/tasks/{task_id}")
+        assert got.status_code == 200
+        assert got.headers["etag"] == '"2"'
+        assert got.content == answered.content
+        listed = api.get("/tasks")
+        assert listed.status_code == 200
+        assert listed.content == b'{"items":[' + answered.content + b'],"next_cursor":null}'
+
+    reads_back_as_answered()
+    asyncio.run(projection.rebuild_all(database_url))
+    reads_back_as_answered()
+    with psycopg.connect(database_url) as conn:  # as migration 0003 found the table
+        conn.execute("ALTER TABLE tasks DROP COLUMN body")
+        projection.add_task_bodies(conn)
+    reads_back_as_answered()

@@ -79,7 +79,7 @@ def test_check_finds_corrupted_rows_and_the_rebuild_repairs_them(rebuild_url: st
         conn.execute(
             "INSERT INTO tasks SELECT 'ghost-user', gen_random_uuid(), title, description,"
             " completed, priority, due_date, tags, version, created_at, updated_at,"
-            " completed_at, deleted FROM tasks LIMIT 1"
+            " completed_at, deleted, body FROM tasks LIMIT 1"
         )
     found = check(rebuild_url)
     assert found.returncode == 1, found.stdout + found.stderr

@@ -48,8 +48,10 @@ def migration_ids() -> list[str]:
 
 @functools.cache
 def _migration_ids() -> tuple[str, ...]:
-    # Read once: `/ready` asks on every call.
-    return tuple(sorted(p.stem for p in migrations_dir().glob("*.sql")))
+    # Read once: `/ready` asks on every call. A migration is SQL, or Python where SQL alone
+    # cannot do it.
+    names = [p.stem for p in migrations_dir().iterdir() if p.suffix in (".sql", ".py")]
+    return tuple(sorted(names))
 
 
 _embedded: dict[Path, Any] = {}

@@ -548,7 +548,7 @@ async def list_tasks(
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
     cursor: FromQuery[str | None] = None,
     consistency_token: ConsistencyToken = None,
-) -> TaskPage:
+) -> Response[TaskPage]:
     """The user's tasks, newest first, keyset-paginated."""
     for name, value in (("tag", tag), ("q", q), ("cursor", cursor)):
         if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
@@ -556,7 +556,8 @@ async def list_tasks(
             raise Problem(400, f"{name} {message}.", errors=[FieldError(name, message)])
     filters = TaskFilters(completed=completed, tag=tag, q=q, due_before=due_before)
     source = _reader(request, consistency_token)
-    return await queries.list_tasks(source, request.user, filters, limit, cursor)
+    page = await queries.list_tasks(source, request.user, filters, limit, cursor)
+    return Response(page, media_type="application/json")  # type: ignore[arg-type]
 
 
 @get(
@@ -584,14 +585,15 @@ async def get_task(
     if version is None and as_of is None:
         task = await queries.get_task(source, user, uid)
     else:
-        task = await queries.task_at(source, user, uid, version=version, as_of=as_of)
+        past = await queries.task_at(source, user, uid, version=version, as_of=as_of)
+        task = queries.TaskJson(past.version, _encode(past))
     etag = f'"{task.version}"'
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None:
         tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
         if "*" in tags or etag in tags:  # weak comparison, as RFC 9110 asks for If-None-Match
             return Response(None, status_code=304, headers={"ETag": etag})  # type: ignore[arg-type]
-    return Response(task, headers={"ETag": etag})
+    return Response(task.json, headers={"ETag": etag}, media_type="application/json")  # type: ignore[arg-type]
 
 
 @get("/tasks/{task_id:str}/history", responses=_errors(400, 404))

@@ -46,21 +46,24 @@ async def load_task(conn: Conn, user_id: str, task_id: UUID, table: str = "tasks
 
 # A task row from the task's JSON (the API's shape, `deleted` only when true): one text
 # parameter that msgspec encodes, in place of thirteen typed ones that psycopg adapts one
-# by one in Python (a text[] through a regex). `{after}` names a CTE whose row must exist
-# first (a command's lock); `{only_if}` a condition on the row being replaced.
+# by one in Python (a text[] through a regex). The JSON itself is kept as the row's `body`,
+# which queries send as it is. `{after}` names a CTE whose row must exist first (a
+# command's lock); `{only_if}` a condition on the row being replaced.
 _SAVE = (
     "INSERT INTO {table} (user_id, "
     + TASK_COLUMNS
-    + ") SELECT %(user_id)s, "
+    + ", body) SELECT %(user_id)s, "
     + ", ".join(
         "coalesce(t.deleted, false)" if name == "deleted" else f"t.{name}"
         for name in Task.__struct_fields__
     )
-    + " FROM {after}jsonb_to_record(%(task)s::jsonb) AS t("
+    # `::text` on both: PostgreSQL would otherwise type the parameter jsonb from its use in
+    # FROM, and `body` would get jsonb's text (keys reordered, spaces added).
+    + ", %(task)s::text FROM {after}jsonb_to_record(%(task)s::text::jsonb) AS t("
     + ", ".join(f"{n} {t}" for n, t in zip(Task.__struct_fields__, _COLUMN_TYPES, strict=True))
     + ")"
     " ON CONFLICT (user_id, task_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMN_NAMES[1:])
+    + ", ".join(f"{c} = excluded.{c}" for c in [*_COLUMN_NAMES[1:], "body"])
     + "{only_if}"
 )
 
@@ -127,6 +130,7 @@ _NULL = "\\N"
 
 
 def _copy_line(user_id: str, task: Task) -> str:
+    """The line of user_id, the task's columns and its body."""
     escapes = _COPY_ESCAPES
     tags = ",".join('"' + tag.replace("\\", "\\\\").replace('"', '\\"') + '"' for tag in task.tags)
     completed_at = task.completed_at
@@ -137,7 +141,7 @@ def _copy_line(user_id: str, task: Task) -> str:
         f"\t{{{tags.translate(escapes)}}}\t{task.version}\t{task.created_at.isoformat()}"
         f"\t{task.updated_at.isoformat()}"
         f"\t{completed_at.isoformat() if completed_at else _NULL}"
-        f"\t{'t' if task.deleted else 'f'}\n"
+        f"\t{'t' if task.deleted else 'f'}\t{_encode(task).decode().translate(escapes)}\n"
     )
 
 
@@ -165,7 +169,7 @@ async def _copy_tasks(conn: Conn, table: str, tasks: AsyncIterator[tuple[str, Ta
     async with (
         conn.cursor() as cur,
         cur.copy(
-            f"COPY {table} (user_id, {TASK_COLUMNS}) FROM STDIN",
+            f"COPY {table} (user_id, {TASK_COLUMNS}, body) FROM STDIN",
             writer=AsyncQueuedLibpqWriter(cur),
         ) as copy,
     ):
@@ -331,31 +335,62 @@ async def rebuild_user(
     return RebuildSummary(events=count.events, tasks=written)
 
 
-_ROW_TYPES = ["text", *_COLUMN_TYPES]  # user_id, then the task's columns
+_ROW_TYPES = ["text", *_COLUMN_TYPES, "text"]  # user_id, the task's columns, body
 
 
-async def _copy_rows(conn: Conn) -> AsyncIterator[tuple[str, Task]]:
+def add_task_bodies(conn: psycopg.Connection[Any]) -> None:
+    """Migration 0003: add `body` and fill it for the rows there are, in the migration's
+    transaction (commands wait for it: about a minute for a million rows)."""
+    conn.execute("ALTER TABLE tasks ADD COLUMN body text")
+    conn.execute(
+        "CREATE TEMPORARY TABLE task_bodies (user_id text, task_id uuid, body text) ON COMMIT DROP"
+    )
+    with conn.cursor(name="task_rows") as rows, conn.cursor() as cur:
+        rows.execute(f"SELECT user_id, {TASK_COLUMNS} FROM tasks")
+        while batch := rows.fetchmany(10_000):  # no FETCH while a COPY is open: in turns
+            with cur.copy("COPY task_bodies FROM STDIN") as copy:
+                for row in batch:
+                    copy.write_row((row[0], row[1], _encode(task_from_row(row[1:])).decode()))
+    conn.execute(
+        "UPDATE tasks SET body = b.body FROM task_bodies b"
+        " WHERE tasks.user_id = b.user_id AND tasks.task_id = b.task_id"
+    )
+    conn.execute("ALTER TABLE tasks ALTER COLUMN body SET NOT NULL")
+
+
+class _Row(msgspec.Struct):
+    """A projection row as `check` reads it: the columns as a Task, and the body."""
+
+    user_id: str
+    task: Task
+    body: str
+
+
+async def _copy_rows(conn: Conn) -> AsyncIterator[_Row]:
     query = (
-        f"COPY (SELECT user_id, {TASK_COLUMNS} FROM tasks"
+        f"COPY (SELECT user_id, {TASK_COLUMNS}, body FROM tasks"
         ' ORDER BY user_id COLLATE "C", task_id) TO STDOUT'
     )
     async with conn.cursor() as cur, cur.copy(query) as copy:
         copy.set_types(_ROW_TYPES)
         async for row in copy.rows():
-            yield row[0], task_from_row(row[1:])
+            yield _Row(row[0], task_from_row(row[1:-1]), row[-1])
 
 
-def _differences(row: Task | None, folded: Task | None) -> list[str]:
+def _differences(row: _Row | None, folded: Task | None) -> list[str]:
     if row is None:
         return ["no projection row"]
     if folded is None:
         return ["a projection row without events"]
-    wanted, found = msgspec.structs.asdict(folded), msgspec.structs.asdict(row)
-    return [
+    wanted, found = msgspec.structs.asdict(folded), msgspec.structs.asdict(row.task)
+    differences = [
         f"{field}: {found[field]!r} in the row, {wanted[field]!r} from the events"
         for field in wanted
         if wanted[field] != found[field]
     ]
+    if row.body != (body := _encode(folded).decode()):
+        differences.append(f"body: {row.body!r} in the row, {body!r} from the events")
+    return differences
 
 
 async def check(conninfo: str, on_events: OnEvents = _ignore) -> list[Drift]:
@@ -381,19 +416,19 @@ async def check(conninfo: str, on_events: OnEvents = _ignore) -> list[Drift]:
         row = await anext(rows, None)
         while task is not None or row is not None:
             task_key = (task[0], task[1].id.bytes) if task else None
-            row_key = (row[0], row[1].id.bytes) if row else None
+            row_key = (row.user_id, row.task.id.bytes) if row else None
             if row_key is None or (task_key is not None and task_key < row_key):
                 assert task is not None
                 drifts.append(Drift(task[0], task[1].id, _differences(None, task[1])))
                 task = await anext(folded, None)
             elif task_key is None or row_key < task_key:
                 assert row is not None
-                drifts.append(Drift(row[0], row[1].id, _differences(row[1], None)))
+                drifts.append(Drift(row.user_id, row.task.id, _differences(row, None)))
                 row = await anext(rows, None)
             else:
                 assert task is not None and row is not None
-                if task[1] != row[1]:
-                    drifts.append(Drift(row[0], row[1].id, _differences(row[1], task[1])))
+                if row.task != task[1] or row.body != _encode(task[1]).decode():
+                    drifts.append(Drift(row.user_id, row.task.id, _differences(row, task[1])))
                 task = await anext(folded, None)
                 row = await anext(rows, None)
     return drifts
