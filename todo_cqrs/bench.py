@@ -38,7 +38,7 @@ import jwt
 import psutil
 import psycopg
 
-from todo_cqrs import __version__, commands, db, eventstore, projection
+from todo_cqrs import __version__, commands, db, eventstore, projection, queries
 
 REPORT = Path("BENCHMARKS.md")
 
@@ -232,8 +232,9 @@ end
 # adds one primary-key read per transaction to the harness's side.
 _PGBENCH_COMMAND = """\\set n random(1, @TARGETS@)
 SELECT b.user_id AS uid, b.task_id AS tid, r.version AS expected_version,
-  (to_jsonb(r) - 'user_id' - 'task_id') || jsonb_build_object('id', r.task_id, 'title', t.title,
-    'version', r.version + 1, 'updated_at', t.at) AS task_json,
+  (to_jsonb(r) - 'user_id' - 'task_id' - 'body')
+    || jsonb_build_object('id', r.task_id, 'title', t.title, 'version', r.version + 1,
+      'updated_at', t.at) AS task_json,
   jsonb_build_array(jsonb_build_object('version', r.version + 1, 'type', 'TaskRenamed',
     'data', jsonb_build_object('title', t.title), 'schema_version', 1)) AS events_json,
   t.at AS occurred_at, 'todo_events' AS channel, gen_random_uuid()::text AS request_id
@@ -248,8 +249,7 @@ SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND task_id = :tid;
 _PGBENCH_LIST = """\\set n random(1, @TARGETS@)
 SELECT user_id AS uid FROM bench_targets WHERE n = :n \\gset
 \\set limit 51
-SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND NOT deleted \
-ORDER BY created_at DESC, task_id DESC LIMIT :limit;
+@LIST@;
 """
 
 # The parameters of commands._RECORD as pgbench variables; pgbench's are untyped, so some
@@ -277,19 +277,20 @@ def pgbench_scripts(targets: int) -> dict[str, str]:
         name: text.replace("@TARGETS@", str(targets))
         .replace("@TASK_COLUMNS@", projection.TASK_COLUMNS)
         .replace("@RECORD@", record)
+        .replace("@LIST@", _LIST_SQL.replace("%(user_id)s", ":uid").replace("%(limit)s", ":limit"))
         for name, text in (("command", _PGBENCH_COMMAND), ("list", _PGBENCH_LIST))
     }
+
+
+_LIST_SQL = queries.LIST_TASKS.format(where="")  # no filters, no cursor
 
 
 # The read statements whose plans --big writes out (copied from queries.py, eventstore.py
 # and projection.py; one seeded task's ids fill them in).
 def explained_queries() -> dict[str, str]:
     return {
-        "list (GET /tasks?limit=50)": f"SELECT {projection.TASK_COLUMNS} FROM tasks"
-        " WHERE user_id = %(user_id)s AND NOT deleted"
-        " ORDER BY created_at DESC, task_id DESC LIMIT 51",
-        "get (GET /tasks/{id})": f"SELECT {projection.TASK_COLUMNS} FROM tasks"
-        " WHERE user_id = %(user_id)s AND task_id = %(task_id)s AND NOT deleted",
+        "list (GET /tasks?limit=50)": _LIST_SQL.replace("%(limit)s", "51"),
+        "get (GET /tasks/{id})": queries.GET_TASK,
         "history (GET /tasks/{id}/history)": f"SELECT {eventstore._STORED_COLUMNS} FROM events"
         " WHERE user_id = %(user_id)s AND task_id = %(task_id)s"
         " AND version > 0 ORDER BY version LIMIT 101",
