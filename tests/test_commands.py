@@ -244,8 +244,11 @@ def test_a_tasks_event_times_never_go_back(api: Any, database_url: str) -> None:
             (ahead, api.user, task["id"]),
         )
         conn.execute(
-            "UPDATE tasks SET created_at = %s, updated_at = %s WHERE user_id = %s AND task_id = %s",
-            (ahead, ahead, api.user, task["id"]),
+            "UPDATE tasks SET created_at = %(at)s, updated_at = %(at)s, body = jsonb_set("
+            " jsonb_set(body::jsonb, '{created_at}', to_jsonb(%(at)s::timestamptz)),"
+            " '{updated_at}', to_jsonb(%(at)s::timestamptz))::text"
+            " WHERE user_id = %(user)s AND task_id = %(task)s",
+            {"at": ahead, "user": api.user, "task": task["id"]},
         )
     renamed = api.patch(f"/tasks/{task['id']}", json={"title": "later"})
     assert renamed.status_code == 200, renamed.text

@@ -18,6 +18,7 @@ from todo_cqrs.eventstore import copy_task_streams, decode_event, lock_user
 Conn = psycopg.AsyncConnection[Any]
 
 _encode = msgspec.json.Encoder().encode
+_decode_task = msgspec.json.Decoder(Task).decode
 
 # The columns of a task row: Task's fields in their order (the id is `task_id` here), so
 # that a row is Task's positional arguments.
@@ -36,12 +37,12 @@ def task_from_row(row: tuple[Any, ...]) -> Task:
 
 async def load_task(conn: Conn, user_id: str, task_id: UUID, table: str = "tasks") -> Task | None:
     """The task's current state, deleted or not."""
+    # From `body`: one column that msgspec decodes costs less than twelve that psycopg loads.
     cur = await conn.execute(
-        f"SELECT {TASK_COLUMNS} FROM {table} WHERE user_id = %s AND task_id = %s",
-        (user_id, task_id),
+        f"SELECT body FROM {table} WHERE user_id = %s AND task_id = %s", (user_id, task_id)
     )
     row = await cur.fetchone()
-    return task_from_row(row) if row else None
+    return _decode_task(row[0]) if row else None
 
 
 # A task row from the task's JSON (the API's shape, `deleted` only when true): one text
