@@ -65,7 +65,7 @@ def test_the_generated_projection_is_clean(rebuild_url: str) -> None:
 def test_check_finds_corrupted_rows_and_the_rebuild_repairs_them(rebuild_url: str) -> None:
     with psycopg.connect(rebuild_url, autocommit=True) as conn:
         victims = conn.execute(
-            "SELECT user_id, task_id FROM tasks ORDER BY user_id, task_id LIMIT 3"
+            "SELECT user_id, task_id FROM tasks ORDER BY user_id, task_id LIMIT 4"
         ).fetchall()
         conn.execute(
             "UPDATE tasks SET title = 'tampered' WHERE user_id = %s AND task_id = %s", victims[0]
@@ -76,6 +76,11 @@ def test_check_finds_corrupted_rows_and_the_rebuild_repairs_them(rebuild_url: st
             victims[1],
         )
         conn.execute("DELETE FROM tasks WHERE user_id = %s AND task_id = %s", victims[2])
+        conn.execute(  # the JSON that queries send, its columns intact
+            "UPDATE tasks SET body = jsonb_set(body::jsonb, '{title}', '\"in body\"')::text"
+            " WHERE user_id = %s AND task_id = %s",
+            victims[3],
+        )
         conn.execute(
             "INSERT INTO tasks SELECT 'ghost-user', gen_random_uuid(), title, description,"
             " completed, priority, due_date, tags, version, created_at, updated_at,"
@@ -84,13 +89,14 @@ def test_check_finds_corrupted_rows_and_the_rebuild_repairs_them(rebuild_url: st
     found = check(rebuild_url)
     assert found.returncode == 1, found.stdout + found.stderr
     drift_lines = [line for line in found.stdout.splitlines() if line.startswith("drift: ")]
-    assert len(drift_lines) == 4
+    assert len(drift_lines) == 5
     text = "\n".join(drift_lines)
     assert f"task {victims[0][1]}: title: 'tampered' in the row" in text
     assert f"task {victims[1][1]}: completed:" in text and "version:" in text
     assert f"task {victims[2][1]}: no projection row" in text
+    assert f"task {victims[3][1]}: body: " in text and '"title": "in body"' in text
     assert "user 'ghost-user'" in text and "a projection row without events" in text
-    assert "4 drifted task(s)" in found.stdout
+    assert "5 drifted task(s)" in found.stdout
 
     repaired = run_cli("rebuild", "--quiet", env=service_env(DATABASE_URL=rebuild_url), timeout=120)
     assert repaired.returncode == 0, repaired.stderr
