@@ -20,6 +20,7 @@ from typing import IO, Any
 from uuid import UUID
 
 import httpx
+import msgspec
 import psutil
 import psycopg
 
@@ -222,14 +223,27 @@ def fold_streams(streams: Mapping[Key, list[Recorded]]) -> dict[Key, Task | None
     return {key: fold(events) for key, events in streams.items()}
 
 
-def projection_rows(conn: psycopg.Connection[Any], user_id: str | None = None) -> dict[Key, Task]:
-    """The `tasks` table (of one user, or all of it) as tasks, keyed like the streams."""
+def projection_rows(
+    conn: psycopg.Connection[Any], user_id: str | None = None, *, check_bodies: bool = True
+) -> dict[Key, Task]:
+    """The `tasks` table (of one user, or all of it) as tasks, keyed like the streams; each
+    row's `body` (what queries send) is checked to be its columns' task, as the API's JSON,
+    unless a test damaged the rows on purpose."""
     cur = conn.execute(
-        f"SELECT user_id, {TASK_COLUMNS} FROM tasks"
+        f"SELECT user_id, {TASK_COLUMNS}, body FROM tasks"
         " WHERE %(user)s::text IS NULL OR user_id = %(user)s",
         {"user": user_id},
     )
-    return {(row[0], row[1]): task_from_row(row[1:]) for row in cur}
+    rows = {}
+    for row in cur:
+        task, body = task_from_row(row[1:-1]), row[-1]
+        rows[(row[0], row[1])] = task
+        if not check_bodies:
+            continue
+        in_body = msgspec.json.decode(body, type=Task)
+        assert in_body == task, f"body {body} != columns {task}"
+        assert msgspec.json.encode(in_body).decode() == body, f"body {body} not the API's JSON"
+    return rows
 
 
 def version_gaps(streams: Mapping[Key, list[Recorded]]) -> dict[Key, list[int]]:

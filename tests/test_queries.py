@@ -11,8 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
+from yoyo import get_backend, read_migrations
 
-from todo_cqrs import projection
+from todo_cqrs import db, projection
 
 EVENT_KEYS = {"position", "task_id", "version", "type", "data", "occurred_at", "meta"}
 
@@ -422,9 +424,19 @@ def test_queries_send_the_json_that_the_command_answered_byte_for_byte(
         assert listed.content == b'{"items":[' + answered.content + b'],"next_cursor":null}'
 
     reads_back_as_answered()
-    asyncio.run(projection.rebuild_all(database_url))
+    # The rebuild, --check and the migration in sessions whose TimeZone is not UTC: the JSON
+    # still shows the times as the command did, with Z.
+    tokyo = make_conninfo(database_url, options="-c TimeZone=Asia/Tokyo")
+    asyncio.run(projection.rebuild_all(tokyo))
     reads_back_as_answered()
-    with psycopg.connect(database_url) as conn:  # as migration 0003 found the table
-        conn.execute("ALTER TABLE tasks DROP COLUMN body")
-        projection.add_task_bodies(conn)
+    assert asyncio.run(projection.check(tokyo)) == []
+    # Migration 0003 taken back and applied again, through yoyo, over rows that exist.
+    backend = get_backend(db.yoyo_url(database_url))
+    migrations = read_migrations(str(db.migrations_dir()))
+    with backend.lock():
+        backend.rollback_migrations(
+            backend.to_rollback(migrations.filter(lambda m: m.id == "0003.task-body"))
+        )
+    backend.connection.close()
+    assert db.migrate(tokyo) == ["0003.task-body"]
     reads_back_as_answered()

@@ -117,7 +117,12 @@ def test_rebuild_in_process_repairs_the_projection(
         assert differences(before, fold_streams(streams)) == {}
         damaged = corrupt(conn, tasks)
         assert (
-            mine(differences(projection_rows(conn), fold_streams(event_streams(conn))), tasks)
+            mine(
+                differences(
+                    projection_rows(conn, check_bodies=False), fold_streams(event_streams(conn))
+                ),
+                tasks,
+            )
             == damaged
         )
 
@@ -157,7 +162,8 @@ def test_rebuild_command_repairs_the_projection(
         )
     }
     with psycopg.connect(database_url) as conn:
-        expected = set(differences(projection_rows(conn), fold_streams(event_streams(conn))))
+        damaged_rows = projection_rows(conn, check_bodies=False)
+        expected = set(differences(damaged_rows, fold_streams(event_streams(conn))))
     assert reported == expected  # the service's own check agrees with this fold
 
     rebuilt = run_cli("rebuild", env=env, timeout=120)
@@ -183,13 +189,14 @@ def test_rebuild_of_one_user_touches_only_that_user(
     with psycopg.connect(database_url, autocommit=True) as conn:
         before = {k: v for k, v in projection_rows(conn).items() if k[0] in tasks}
         damaged = corrupt(conn, tasks)
-        corrupted = projection_rows(conn)
+        corrupted = projection_rows(conn, check_bodies=False)
 
     summary = asyncio.run(projection.rebuild_user(database_url, api.user))
 
     with psycopg.connect(database_url) as conn:
         streams = event_streams(conn)
-        rows = projection_rows(conn)
+        rows = projection_rows(conn, check_bodies=False)  # the others' are still damaged
+        projection_rows(conn, api.user)  # the rebuilt user's bodies are right
     ann = {k: v for k, v in streams.items() if k[0] == api.user}
     assert (summary.events, summary.tasks) == (sum(len(s) for s in ann.values()), len(ann))
     assert {k: v for k, v in rows.items() if k[0] == api.user} == {

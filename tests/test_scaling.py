@@ -128,7 +128,6 @@ ALL_USERS = {
     " with --user, condition is `WHERE user_id = %s`",
     "FROM events WHERE position > %s": "the rebuild's catch-up: events past its mark",
     "COPY (SELECT user_id, {TASK_COLUMNS}, body FROM tasks": "--check reads the whole projection",
-    "SELECT user_id, {TASK_COLUMNS} FROM tasks": "migration 0003 fills in every row's body",
     "DELETE FROM idempotency_keys WHERE created_at <": "the hourly prune of answers past 24 h",
     "SELECT count(*) FROM events": "the rebuild's progress bar total; the benchmark's size",
     "SELECT count(DISTINCT user_id), count(*) FROM tasks": "the benchmark's data set size",

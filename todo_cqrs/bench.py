@@ -232,16 +232,15 @@ end
 # adds one primary-key read per transaction to the harness's side.
 _PGBENCH_COMMAND = """\\set n random(1, @TARGETS@)
 SELECT b.user_id AS uid, b.task_id AS tid, r.version AS expected_version,
-  (to_jsonb(r) - 'user_id' - 'task_id' - 'body')
-    || jsonb_build_object('id', r.task_id, 'title', t.title, 'version', r.version + 1,
-      'updated_at', t.at) AS task_json,
+  (r.body::jsonb || jsonb_build_object('title', t.title, 'version', r.version + 1,
+    'updated_at', t.at))::text AS task_json,
   jsonb_build_array(jsonb_build_object('version', r.version + 1, 'type', 'TaskRenamed',
     'data', jsonb_build_object('title', t.title), 'schema_version', 1)) AS events_json,
   t.at AS occurred_at, 'todo_events' AS channel, gen_random_uuid()::text AS request_id
   FROM bench_targets b JOIN tasks r ON r.user_id = b.user_id AND r.task_id = b.task_id,
     (SELECT 'pgbench ' || md5(random()::text) AS title, clock_timestamp() AS at) t
   WHERE b.n = :n \\gset
-SELECT @TASK_COLUMNS@ FROM tasks WHERE user_id = :uid AND task_id = :tid;
+@LOAD_TASK@;
 @RECORD@;
 """
 
@@ -267,6 +266,10 @@ _RECORD_VALUES = {
 }
 
 
+_LIST_SQL = queries.LIST_TASKS.format(where="")  # no filters, no cursor
+_LOAD_TASK_SQL = projection.LOAD_TASK.format(table="tasks")
+
+
 def pgbench_scripts(targets: int) -> dict[str, str]:
     """The pgbench scripts, built from the statements that the service sends."""
     record = commands._RECORD
@@ -275,14 +278,14 @@ def pgbench_scripts(targets: int) -> dict[str, str]:
     assert "%(" not in record
     return {
         name: text.replace("@TARGETS@", str(targets))
-        .replace("@TASK_COLUMNS@", projection.TASK_COLUMNS)
+        .replace(
+            "@LOAD_TASK@",
+            _LOAD_TASK_SQL.replace("%(user_id)s", ":uid").replace("%(task_id)s", ":tid"),
+        )
         .replace("@RECORD@", record)
         .replace("@LIST@", _LIST_SQL.replace("%(user_id)s", ":uid").replace("%(limit)s", ":limit"))
         for name, text in (("command", _PGBENCH_COMMAND), ("list", _PGBENCH_LIST))
     }
-
-
-_LIST_SQL = queries.LIST_TASKS.format(where="")  # no filters, no cursor
 
 
 # The read statements whose plans --big writes out (copied from queries.py, eventstore.py
@@ -294,8 +297,7 @@ def explained_queries() -> dict[str, str]:
         "history (GET /tasks/{id}/history)": f"SELECT {eventstore._STORED_COLUMNS} FROM events"
         " WHERE user_id = %(user_id)s AND task_id = %(task_id)s"
         " AND version > 0 ORDER BY version LIMIT 101",
-        "the command's row read (PATCH /tasks/{id})": f"SELECT {projection.TASK_COLUMNS}"
-        " FROM tasks WHERE user_id = %(user_id)s AND task_id = %(task_id)s",
+        "the command's row read (PATCH /tasks/{id})": _LOAD_TASK_SQL,
     }
 
 

@@ -8,7 +8,7 @@ replay by construction.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 from uuid import UUID
 
@@ -350,7 +350,9 @@ def decide(state: Task | None, command: Command) -> list[Event]:
 
 def evolve(state: Task | None, recorded: Recorded) -> Task:
     """The task after one more event. The only place where events change state."""
-    event, at = recorded.event, recorded.occurred_at
+    # In UTC whatever the TimeZone of the session that read the events: the JSON of a task
+    # (answers, and the projection's `body`) shows its times with `Z`.
+    event, at = recorded.event, recorded.occurred_at.astimezone(UTC)
     if isinstance(event, TaskCreated):
         return Task(
             id=recorded.task_id,

@@ -35,11 +35,14 @@ def task_from_row(row: tuple[Any, ...]) -> Task:
     return Task(*row)
 
 
+# From `body`: one column that msgspec decodes costs less than twelve that psycopg loads.
+LOAD_TASK = "SELECT body FROM {table} WHERE user_id = %(user_id)s AND task_id = %(task_id)s"
+
+
 async def load_task(conn: Conn, user_id: str, task_id: UUID, table: str = "tasks") -> Task | None:
     """The task's current state, deleted or not."""
-    # From `body`: one column that msgspec decodes costs less than twelve that psycopg loads.
     cur = await conn.execute(
-        f"SELECT body FROM {table} WHERE user_id = %s AND task_id = %s", (user_id, task_id)
+        LOAD_TASK.format(table=table), {"user_id": user_id, "task_id": task_id}
     )
     row = await cur.fetchone()
     return _decode_task(row[0]) if row else None
@@ -337,26 +340,6 @@ async def rebuild_user(
 
 
 _ROW_TYPES = ["text", *_COLUMN_TYPES, "text"]  # user_id, the task's columns, body
-
-
-def add_task_bodies(conn: psycopg.Connection[Any]) -> None:
-    """Migration 0003: add `body` and fill it for the rows there are, in the migration's
-    transaction (commands wait for it: 25 s for a million rows on the benchmark machine)."""
-    conn.execute("ALTER TABLE tasks ADD COLUMN body text")
-    conn.execute(
-        "CREATE TEMPORARY TABLE task_bodies (user_id text, task_id uuid, body text) ON COMMIT DROP"
-    )
-    with conn.cursor(name="task_rows") as rows, conn.cursor() as cur:
-        rows.execute(f"SELECT user_id, {TASK_COLUMNS} FROM tasks")
-        while batch := rows.fetchmany(10_000):  # no FETCH while a COPY is open: in turns
-            with cur.copy("COPY task_bodies FROM STDIN") as copy:
-                for row in batch:
-                    copy.write_row((row[0], row[1], _encode(task_from_row(row[1:])).decode()))
-    conn.execute(
-        "UPDATE tasks SET body = b.body FROM task_bodies b"
-        " WHERE tasks.user_id = b.user_id AND tasks.task_id = b.task_id"
-    )
-    conn.execute("ALTER TABLE tasks ALTER COLUMN body SET NOT NULL")
 
 
 class _Row(msgspec.Struct):
