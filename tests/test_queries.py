@@ -11,7 +11,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 from yoyo import get_backend, read_migrations
 
 from todo_cqrs import db, projection
@@ -399,7 +398,7 @@ def test_history_refuses_bad_parameters_with_400(api: Any, params: dict[str, str
 
 
 def test_queries_send_the_json_that_the_command_answered_byte_for_byte(
-    api: Any, database_url: str
+    api: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Queries send the row's stored JSON (`body`). Whoever wrote the row (a command, the
     rebuild, migration 0003's fill), a query answers with the command's bytes."""
@@ -424,12 +423,14 @@ def test_queries_send_the_json_that_the_command_answered_byte_for_byte(
         assert listed.content == b'{"items":[' + answered.content + b'],"next_cursor":null}'
 
     reads_back_as_answered()
-    # The rebuild, --check and the migration in sessions whose TimeZone is not UTC: the JSON
-    # still shows the times as the command did, with Z.
-    tokyo = make_conninfo(database_url, options="-c TimeZone=Asia/Tokyo")
-    asyncio.run(projection.rebuild_all(tokyo))
+    # The rebuild, --check and the migration in sessions whose TimeZone is not UTC (PGTZ
+    # outranks `options`): the JSON still shows the times as the command did, with Z.
+    monkeypatch.setenv("PGTZ", "Asia/Tokyo")
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+    asyncio.run(projection.rebuild_all(database_url))
     reads_back_as_answered()
-    assert asyncio.run(projection.check(tokyo)) == []
+    assert asyncio.run(projection.check(database_url)) == []
     # Migration 0003 taken back and applied again, through yoyo, over rows that exist.
     backend = get_backend(db.yoyo_url(database_url))
     migrations = read_migrations(str(db.migrations_dir()))
@@ -438,5 +439,5 @@ def test_queries_send_the_json_that_the_command_answered_byte_for_byte(
             backend.to_rollback(migrations.filter(lambda m: m.id == "0003.task-body"))
         )
     backend.connection.close()
-    assert db.migrate(tokyo) == ["0003.task-body"]
+    assert db.migrate(database_url) == ["0003.task-body"]
     reads_back_as_answered()
