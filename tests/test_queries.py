@@ -424,20 +424,24 @@ def test_queries_send_the_json_that_the_command_answered_byte_for_byte(
 
     reads_back_as_answered()
     # The rebuild, --check and the migration in sessions whose TimeZone is not UTC (PGTZ
-    # outranks `options`): the JSON still shows the times as the command did, with Z.
-    monkeypatch.setenv("PGTZ", "Asia/Tokyo")
-    with psycopg.connect(database_url) as conn:
-        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
-    asyncio.run(projection.rebuild_all(database_url))
+    # outranks `options`; only around them, so that the app's pool never opens such a
+    # connection): the JSON still shows the times as the command did, with Z.
+    with monkeypatch.context() as tokyo:
+        tokyo.setenv("PGTZ", "Asia/Tokyo")
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+        asyncio.run(projection.rebuild_all(database_url))
+        assert asyncio.run(projection.check(database_url)) == []
     reads_back_as_answered()
-    assert asyncio.run(projection.check(database_url)) == []
-    # Migration 0003 taken back and applied again, through yoyo, over rows that exist.
-    backend = get_backend(db.yoyo_url(database_url))
-    migrations = read_migrations(str(db.migrations_dir()))
-    with backend.lock():
-        backend.rollback_migrations(
-            backend.to_rollback(migrations.filter(lambda m: m.id == "0003.task-body"))
-        )
-    backend.connection.close()
-    assert db.migrate(database_url) == ["0003.task-body"]
+    with monkeypatch.context() as tokyo:
+        tokyo.setenv("PGTZ", "Asia/Tokyo")
+        # Migration 0003 taken back and applied again, through yoyo, over existing rows.
+        backend = get_backend(db.yoyo_url(database_url))
+        migrations = read_migrations(str(db.migrations_dir()))
+        with backend.lock():
+            backend.rollback_migrations(
+                backend.to_rollback(migrations.filter(lambda m: m.id == "0003.task-body"))
+            )
+        backend.connection.close()
+        assert db.migrate(database_url) == ["0003.task-body"]
     reads_back_as_answered()
