@@ -585,8 +585,7 @@ async def get_task(
     if version is None and as_of is None:
         task = await queries.get_task(source, user, uid)
     else:
-        past = await queries.task_at(source, user, uid, version=version, as_of=as_of)
-        task = queries.TaskJson(past.version, _encode(past))
+        task = await queries.task_at(source, user, uid, version=version, as_of=as_of)
     etag = f'"{task.version}"'
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None:

@@ -163,7 +163,7 @@ async def task_at(
     *,
     version: int | None = None,
     as_of: datetime | None = None,
-) -> Task:
+) -> TaskJson:
     """Time travel: the task folded from its events up to a version or a moment.
 
     404 when it did not exist then, was deleted then, or the version is past the current one.
@@ -175,7 +175,7 @@ async def task_at(
     task = fold(events)
     if task is None or task.deleted or (version is not None and task.version != version):
         raise not_found()
-    return task
+    return TaskJson(task.version, _encode(task))
 
 
 async def user_events(source: Connections, user_id: str, after: int, limit: int) -> FeedPage:
