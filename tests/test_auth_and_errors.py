@@ -94,6 +94,11 @@ def _invalid_tokens() -> dict[str, str]:
         "empty-sub": token({"sub": "", "exp": now + 600}),
         "sub-256-chars": token({"sub": "u" * 256, "exp": now + 600}),
         "sub-not-a-string": token({"sub": 12345, "exp": now + 600}),
+        # the user id is PostgreSQL text: these reached the database and answered 500
+        "sub-with-nul": token({"sub": "a\x00b", "exp": now + 600}),
+        "sub-with-lone-surrogate": token({"sub": "a\ud800b", "exp": now + 600}),
+        "exp-too-large-for-a-float": token({"sub": user, "exp": 10**400}),
+        "exp-a-string": token({"sub": user, "exp": str(now + 600)}),
         "alg-none": token(fresh_claims(), key=None, algorithm="none"),
         "nbf-in-the-future": token(fresh_claims(nbf=now + 300)),
         "hs512": hs512,

@@ -289,6 +289,33 @@ def test_metrics_sum_the_workers(served: ServeProcess, tmp_path: Path) -> None:
     } <= names
 
 
+def test_repeated_header_lines_form_one_list(served: ServeProcess) -> None:
+    """RFC 9110 5.3: a list header sent on two lines is one list. Litestar's test client
+    joins such lines itself, so only a real server shows that the service does."""
+    user = f"lines-{uuid.uuid4()}"
+    with http_client(served.url, mint(user, served.env)) as http:
+        task = http.post("/tasks", json={"title": "a"}).json()
+        url = f"/tasks/{task['id']}"
+
+        completed = http.post(f"{url}/complete", headers=[("If-Match", '"9"'), ("If-Match", '"1"')])
+        assert completed.status_code == 200, completed.text
+        assert completed.json()["version"] == 2
+        malformed = http.post(f"{url}/reopen", headers=[("If-Match", '"2"'), ("If-Match", "bad")])
+        assert malformed.status_code == 400, malformed.text
+        not_modified = http.get(url, headers=[("If-None-Match", '"1"'), ("If-None-Match", '"2"')])
+        assert not_modified.status_code == 304
+
+        two_keys = [("Idempotency-Key", "k-a"), ("Idempotency-Key", "k-b")]
+        refused = http.post("/tasks", json={"title": "b"}, headers=two_keys)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["detail"] == "Send one Idempotency-Key, not several."
+        assert [t["id"] for t in http.get("/tasks").json()["items"]] == [task["id"]]
+        for key in ("k-a", "k-b"):  # neither key was used up
+            created = http.post("/tasks", json={"title": "b"}, headers={"Idempotency-Key": key})
+            assert created.status_code == 201
+            assert "idempotent-replayed" not in created.headers
+
+
 # --- b. the embedded default: nothing configured ---------------------------------------------
 
 

@@ -257,6 +257,9 @@ def test_get_task_with_etag_and_if_none_match(api: Any) -> None:
     assert not_modified.headers["etag"] == '"1"'
     listed = api.get(f"/tasks/{task['id']}", headers={"If-None-Match": '"0", "1"'})
     assert listed.status_code == 304
+    weak = api.get(f"/tasks/{task['id']}", headers={"If-None-Match": 'W/"1"'})
+    assert weak.status_code == 304  # If-None-Match compares weakly (RFC 9110)
+    assert_problem(api.get(f"/tasks/{task['id']}", headers={"If-None-Match": "1"}), 400)
 
     api.patch(f"/tasks/{task['id']}", json={"title": "changed"})
     changed = api.get(f"/tasks/{task['id']}", headers={"If-None-Match": '"1"'})

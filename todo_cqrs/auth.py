@@ -71,6 +71,27 @@ class VerificationKey:
         return self.kid is None or kid is None or self.kid == kid
 
 
+def _storable_text(text: str) -> bool:
+    """PostgreSQL text holds it: no NUL, and valid UTF-8 (a JSON escape such as \\ud800
+    decodes to a lone surrogate, which UTF-8 cannot encode)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def _numeric_date(value: Any) -> bool:
+    """RFC 7519's NumericDate: a JSON number that a double holds (I-JSON, RFC 7493). PyJWT
+    also lets through "123" and 10**400, which broke the cache's expiry arithmetic."""
+    if type(value) not in (int, float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any double
+        return False
+
+
 # --- loading keys -----------------------------------------------------------------------------
 
 
@@ -363,7 +384,7 @@ class Verifier:
         claims = await self._verify_claims(token)
         if len(self.verified) >= VERIFIED_CACHE_SIZE:
             del self.verified[next(iter(self.verified))]  # the oldest
-        self.verified[token] = (claims, min(now + 60, float(claims["exp"]) + LEEWAY))
+        self.verified[token] = (claims, min(now + 60, claims["exp"] + LEEWAY))
         return claims
 
     async def _verify_claims(self, token: str) -> dict[str, Any]:
@@ -375,9 +396,13 @@ class Verifier:
             if kid is not None and not isinstance(kid, str):
                 raise jwt.InvalidTokenError("kid must be a string")
             claims = await self._verify(token, algorithm, kid)
-            subject = claims["sub"]
+            subject, expires = claims["sub"], claims["exp"]
             if not isinstance(subject, str) or not 1 <= len(subject) <= 255:
                 raise jwt.InvalidTokenError("sub must be a string of 1 to 255 characters")
+            if not _storable_text(subject):
+                raise jwt.InvalidTokenError("sub must be UTF-8 text without NUL characters")
+            if not _numeric_date(expires):
+                raise jwt.InvalidTokenError("exp must be a finite number of seconds")
         except jwt.PyJWTError as error:  # InvalidKeyError too: never a 500 for a token
             raise InvalidToken(str(error)) from None
         return claims

@@ -74,7 +74,8 @@ class Answer(msgspec.Struct):
 
     @classmethod
     def from_problem(cls, problem: Problem) -> Answer:
-        return cls(status=problem.status, body=problem.encode())
+        # A 412 names the current version in its ETag, with a key or without.
+        return cls(status=problem.status, body=problem.encode(), etag=problem.headers.get("ETag"))
 
 
 class Idempotency(msgspec.Struct):

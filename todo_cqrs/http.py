@@ -360,29 +360,48 @@ def _task_uuid(task_id: str) -> uuid.UUID:
         raise not_found() from None  # a malformed id names no task of yours
 
 
-def _if_match(request: Request[Any, Any, Any]) -> frozenset[str] | None:
-    """The strong tags of If-Match; None when absent or `*`. Weak tags never match."""
-    header = request.headers.get("if-match")
-    if header is None:
+# One member of an entity-tag list (RFC 9110 8.8.3, 5.6.1): `*`, `"tag"` or `W/"tag"`, or
+# nothing (empty members are allowed), then a comma or the end.
+_ENTITY_TAG_MEMBER = re.compile(r'[ \t]*(?:(\*)|(W/)?"([\x21\x23-\x7e\x80-\xff]*)")?[ \t]*(?:,|\Z)')
+
+
+def _entity_tags(request: Request[Any, Any, Any], name: str) -> list[tuple[str, bool]] | None:
+    """If-Match or If-None-Match as (tag, weak) pairs; None when absent or `*`. Repeated
+    header lines form one list (RFC 9110 5.3); a malformed or empty list answers 400."""
+    lines = request.headers.getall(name, None)
+    if not lines:
         return None
-    tags: set[str] = set()
-    for part in header.split(","):
-        part = part.strip()
-        if part == "*":
+    header, position = ", ".join(lines), 0
+    tags: list[tuple[str, bool]] = []
+    while position < len(header):
+        member = _ENTITY_TAG_MEMBER.match(header, position)
+        if member is None:
+            break
+        star, weak, tag = member.groups()
+        if star:
             return None
-        weak = part.startswith("W/")
-        tag = part[2:] if weak else part
-        if len(tag) < 2 or tag[0] != '"' or tag[-1] != '"' or '"' in tag[1:-1]:
-            raise Problem(400, 'If-Match must be "*" or a list of entity tags like "3".')
-        if not weak:
-            tags.add(tag[1:-1])
-    return frozenset(tags)
+        if tag is not None:
+            tags.append((tag, weak is not None))
+        position = member.end()
+    if position < len(header) or not tags:
+        raise Problem(400, f'{name} must be "*" or a list of entity tags like "3".')
+    return tags
+
+
+def _if_match(request: Request[Any, Any, Any]) -> frozenset[str] | None:
+    """The strong tags of If-Match; None when absent or `*`. Weak tags never match (RFC
+    9110's strong comparison): a list of only weak tags answers 412."""
+    tags = _entity_tags(request, "If-Match")
+    return None if tags is None else frozenset(tag for tag, weak in tags if not weak)
 
 
 async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
-    key = request.headers.get("idempotency-key")
-    if key is None:
+    keys = request.headers.getall("idempotency-key", None)
+    if not keys:
         return None
+    if len(keys) > 1:
+        raise Problem(400, "Send one Idempotency-Key, not several.")
+    key = keys[0]
     if not _IDEMPOTENCY_KEY_FORM.fullmatch(key):
         raise Problem(400, "Idempotency-Key must be 1 to 255 printable ASCII characters.")
     body = await request.body()
@@ -449,7 +468,8 @@ async def _command(
 ) -> Response[Any]:
     idempotency = await _idempotency(request)
     try:
-        if_match = _if_match(request)
+        # On POST /tasks the task does not exist yet: If-Match is ignored (README).
+        if_match = _if_match(request) if "task_id" in request.path_params else None
     except Problem as problem:
         if_match, command = None, problem
     if isinstance(command, Problem) and idempotency is None:
@@ -587,10 +607,10 @@ async def get_task(
     else:
         task = await queries.task_at(source, user, uid, version=version, as_of=as_of)
     etag = f'"{task.version}"'
-    if_none_match = request.headers.get("if-none-match")
-    if if_none_match is not None:
-        tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-        if "*" in tags or etag in tags:  # weak comparison, as RFC 9110 asks for If-None-Match
+    if "if-none-match" in request.headers:
+        tags = _entity_tags(request, "If-None-Match")
+        # Weak comparison, as RFC 9110 asks for If-None-Match: W/"3" matches version 3.
+        if tags is None or any(tag == str(task.version) for tag, _ in tags):
             return Response(None, status_code=304, headers={"ETag": etag})  # type: ignore[arg-type]
     return Response(task.json, headers={"ETag": etag}, media_type="application/json")  # type: ignore[arg-type]
 
