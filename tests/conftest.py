@@ -19,8 +19,9 @@ from litestar.testing import TestClient
 from psycopg.conninfo import make_conninfo
 
 from todo_cqrs import db
+from todo_cqrs.auth import mint_token
 from todo_cqrs.config import Settings
-from todo_cqrs.http import create_app, mint_token
+from todo_cqrs.http import create_app
 
 JWT_SECRET = "test-secret-" + "x" * 40
 

@@ -4,6 +4,7 @@ bodies, request ids and the operations endpoints (API.md, "Auth", "The task", "E
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import uuid
@@ -13,7 +14,12 @@ from typing import Any
 import jwt
 import pytest
 from conftest import JWT_SECRET, assert_problem
+from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+
+from todo_cqrs import db
+from todo_cqrs.config import Settings
+from todo_cqrs.http import create_app
 
 REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -404,6 +410,11 @@ def test_valid_request_id_is_echoed(api: Any, client: Any, given: str) -> None:
     assert client.get("/health", headers={"X-Request-ID": given}).headers["x-request-id"] == given
 
 
+def test_request_id_is_taken_without_surrounding_whitespace(api: Any) -> None:
+    response = api.get("/tasks", headers={"X-Request-ID": b"abc \t"})
+    assert response.headers["x-request-id"] == "abc"
+
+
 @pytest.mark.parametrize("given", ["", "has space", "r" * 129, "a/b", "semi;colon", "caf\u00e9"])
 def test_invalid_request_id_is_replaced(api: Any, given: str) -> None:
     response = api.get("/tasks", headers={"X-Request-ID": given.encode()})
@@ -435,6 +446,30 @@ def test_every_response_carries_a_request_id(api: Any, client: Any) -> None:
 def test_health_and_ready_need_no_token(client: Any) -> None:
     assert client.get("/health").status_code == 200
     assert client.get("/ready").status_code == 200
+
+
+def test_an_unmigrated_database_answers_503_not_500(
+    settings: Settings, server_url: str, api: Any
+) -> None:
+    """An app started on a database that nobody migrated (`serve` migrates first; a bare
+    uvicorn or a rolled-back database do not): /ready, queries and commands answer 503."""
+    url = db.create_database(server_url, "todo_cqrs_unmigrated")
+    try:
+        app = create_app(dataclasses.replace(settings, database_url=url, listen_database_url=url))
+        with TestClient(app=app) as bare:  # type: ignore[arg-type]
+            ready = bare.get("/ready")
+            assert assert_problem(ready, 503)["detail"].startswith("Migrations not applied: 0001")
+            for method, path in [("GET", "/tasks"), ("GET", f"/tasks/{uuid.uuid4()}")]:
+                answer = bare.request(method, path, headers=api.auth)
+                problem = assert_problem(answer, 503)
+                assert (
+                    problem["detail"] == "The database lacks migrations; run `todo-cqrs migrate`."
+                )
+                assert answer.headers["retry-after"] == "5"
+            created = bare.post("/tasks", json={"title": "a"}, headers=api.auth)
+            assert_problem(created, 503)
+    finally:
+        db.drop_database(server_url, url)
 
 
 def test_metrics_count_requests_and_durations_by_route_and_status(api: Any, client: Any) -> None:
@@ -487,3 +522,7 @@ def test_openapi_document_lists_the_task_paths(client: Any) -> None:
     } <= paths
     assert {"get", "post"} <= set(document["paths"]["/tasks"])
     assert {"get", "patch", "delete"} <= set(document["paths"]["/tasks/{task_id}"])
+    get_task = document["paths"]["/tasks/{task_id}"]["get"]["responses"]["200"]
+    assert set(get_task["headers"]) == {"ETag"}
+    stream = document["paths"]["/events/stream"]["get"]["responses"]["200"]
+    assert set(stream["content"]) == {"text/event-stream"}

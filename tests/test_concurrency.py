@@ -27,6 +27,7 @@ from helpers import (
 )
 
 from todo_cqrs import commands, db
+from todo_cqrs.auth import mint_token
 from todo_cqrs.domain import (
     Command,
     CompleteTask,
@@ -38,7 +39,6 @@ from todo_cqrs.domain import (
     fold,
     parse_command,
 )
-from todo_cqrs.http import mint_token
 
 SECRET = "concurrency-secret-" + "c" * 40
 CLIENTS = 24

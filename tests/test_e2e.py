@@ -4,6 +4,7 @@ embedded PostgreSQL it starts by itself), `token` and `migrate` (API.md, "Comman
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -89,6 +90,10 @@ def test_walk_through_with_two_workers(
     assert abs(claims["iat"] - time.time()) < 60
     short = jwt.decode(mint(user, served.env, None, "--ttl", "60"), SECRET, algorithms=["HS256"])
     assert short["exp"] - short["iat"] == 60
+    for ttl in ("0", "-5"):  # a token born expired is refused, not printed
+        refused = run_cli("token", user, "--ttl", ttl, env=served.env)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused.stderr
+        assert "--ttl must be 1 second or more" in refused.stderr
     # A token signed with another secret does not pass: `token` signs with TODO_JWT_SECRET.
     stranger = mint(user, {**served.env, "TODO_JWT_SECRET": "another-" + "z" * 40})
 
@@ -271,7 +276,7 @@ def test_metrics_sum_the_workers(served: ServeProcess, tmp_path: Path) -> None:
     with http_client(served.url) as http:
         answer = http.get("/metrics")
     assert answer.status_code == 200
-    assert answer.headers["content-type"].startswith("text/plain")
+    assert answer.headers["content-type"] == "text/plain; version=1.0.0; charset=utf-8"
     labels = {"method": "GET", "route": "/ready", "status": "200"}
     assert metric(answer.text, "todo_http_requests_total", **labels) == asked
     assert metric(answer.text, "todo_http_request_duration_seconds_count", **labels) == asked
@@ -314,6 +319,33 @@ def test_repeated_header_lines_form_one_list(served: ServeProcess) -> None:
             created = http.post("/tasks", json={"title": "b"}, headers={"Idempotency-Key": key})
             assert created.status_code == 201
             assert "idempotent-replayed" not in created.headers
+
+
+def test_sigterm_closes_open_event_streams(database_url: str, tmp_path: Path) -> None:
+    """An open /events/stream never ends by itself: a graceful stop would wait for it
+    forever. After TODO_SHUTDOWN_TIMEOUT the stream is cut, and serve exits 0."""
+    env = service_env(
+        DATABASE_URL=database_url,
+        TODO_JWT_SECRET=SECRET,
+        TODO_DATA_DIR=str(tmp_path / "data"),
+        TODO_SSE_HEARTBEAT="0.5",
+        TODO_SHUTDOWN_TIMEOUT="2",
+    )
+    with (
+        ServeProcess(env, tmp_path, tmp_path / "serve.log", workers=2) as server,
+        http_client(server.url, mint(f"sse-{uuid.uuid4()}", env)) as http,
+        http.stream("GET", "/events/stream") as stream,
+    ):
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert next(lines) == ": heartbeat"
+        started = time.monotonic()
+        assert server.terminate(timeout=15) == 0
+        stopped = time.monotonic() - started
+        assert 1.5 < stopped < 8, stopped  # the timeout, not forever, and not at once
+        with contextlib.suppress(httpx.HTTPError):  # cut off mid-stream, or ended cleanly
+            for _ in lines:
+                pass
 
 
 # --- b. the embedded default: nothing configured ---------------------------------------------
@@ -465,6 +497,45 @@ def test_migrate_twice(new_database: Callable[[], str]) -> None:
     second = run_cli("migrate", env=env)
     assert (second.returncode, second.stdout) == (0, NONE_PENDING), second.stderr
     assert schema_of(url) == (db.migration_ids(), ["events", "idempotency_keys", "tasks"])
+
+
+def test_migrations_roll_back_and_apply_again(new_database: Callable[[], str]) -> None:
+    """yoyo rollback takes 0003 and 0002 back (0002's index included, or applying it again
+    would fail on the index left behind); `migrate` then applies both again."""
+    from yoyo import get_backend, read_migrations
+
+    url = new_database()
+    assert db.migrate(url) == db.migration_ids()
+    assert db.migration_ids() == ["0001.initial", "0002.events-position-index", "0003.task-body"]
+    backend = get_backend(db.yoyo_url(url))
+    migrations = read_migrations(str(db.migrations_dir()))
+    with backend.lock():
+        backend.rollback_migrations(
+            backend.to_rollback(migrations.filter(lambda m: m.id != "0001.initial"))
+        )
+    backend.connection.close()
+    with psycopg.connect(url) as conn:
+        index = conn.execute("SELECT to_regclass('events_position_brin')").fetchone()
+    assert index == (None,)
+    assert db.migrate(url) == ["0002.events-position-index", "0003.task-body"]
+    assert schema_of(url) == (db.migration_ids(), ["events", "idempotency_keys", "tasks"])
+
+
+def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
+    new_database: Callable[[], str],
+) -> None:
+    env = service_env(DATABASE_URL=new_database())
+    for args in (["rebuild"], ["rebuild", "--check"], ["rebuild", "--user", "alice"]):
+        result = run_cli(*args, "--quiet", env=env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.endswith(
+            ": the database lacks migrations 0001.initial, 0002.events-position-index,"
+            " 0003.task-body; run `todo-cqrs migrate`\n"
+        ), result.stderr
+        assert "Traceback" not in result.stderr
+    result = run_cli("rebuild", "--check", "--user", "alice", env=env)
+    assert result.returncode == 2
+    assert result.stderr == "todo-cqrs check: --check compares every user; drop --user\n"
 
 
 def test_migrate_from_several_processes_at_once(new_database: Callable[[], str]) -> None:

@@ -18,7 +18,7 @@ from conftest import JWT_SECRET
 from helpers import ServeProcess, http_client, service_env
 
 from todo_cqrs import db
-from todo_cqrs.http import mint_token
+from todo_cqrs.auth import mint_token
 
 pytestmark = pytest.mark.embedded_postgres
 

@@ -27,8 +27,9 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from litestar.testing import TestClient
 
 from todo_cqrs import auth
+from todo_cqrs.auth import mint_token
 from todo_cqrs.config import Settings
-from todo_cqrs.http import create_app, mint_token
+from todo_cqrs.http import create_app
 
 BASE_URL = "http://localhost:3000"  # Better Auth's BASE_URL: its default iss and aud
 

@@ -241,6 +241,27 @@ def test_list_refuses_bad_parameters_with_400(api: Any, params: dict[str, str]) 
     assert_problem(api.get("/tasks", params=params), 400)
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/tasks?limit=abc&limit=1",  # a bad value first used to be dropped unchecked
+        "/tasks?tag=t0&tag=t1",
+        "/tasks?completed=true&completed=false",
+        "/tasks/{id}?as_of=garbage&as_of=3000-01-01T00:00:00Z",
+        "/tasks/{id}?version=1&version=2",
+        "/tasks/{id}/history?limit=1&limit=2",
+        "/events?after=5&after=1",
+    ],
+)
+def test_a_parameter_given_twice_answers_400(api: Any, query: str) -> None:
+    """Litestar would keep the last value: a client sending two tags would silently get
+    one filter. The answer names the parameter."""
+    task = api.create()
+    problem = assert_problem(api.get(query.format(id=task["id"])), 400)
+    name = query.split("?")[1].split("=")[0]
+    assert problem["errors"] == [{"field": name, "message": "given more than once"}]
+
+
 # --- GET /tasks/{id} --------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ import pytest
 from conftest import JWT_SECRET
 from helpers import ServeProcess, assert_projection_is_the_fold, http_client, service_env
 
-from todo_cqrs.http import mint_token
+from todo_cqrs.auth import mint_token
 
 
 @pytest.fixture

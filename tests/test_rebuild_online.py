@@ -21,7 +21,7 @@ from conftest import JWT_SECRET
 from helpers import CLI, ServeProcess, http_client, run_cli, service_env
 
 from todo_cqrs import dataset, db
-from todo_cqrs.http import mint_token
+from todo_cqrs.auth import mint_token
 from todo_cqrs.projection import REBUILD_LOCK
 
 USERS, TASKS, EVENTS = 200, 60_000, 300_000

@@ -15,7 +15,7 @@ import psycopg
 from conftest import JWT_SECRET
 from helpers import ServeProcess, assert_projection_is_the_fold, http_client, service_env
 
-from todo_cqrs.http import mint_token
+from todo_cqrs.auth import mint_token
 
 
 def test_two_servers_on_one_database_keep_every_guarantee(

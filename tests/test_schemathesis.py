@@ -33,8 +33,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from todo_cqrs.auth import mint_token
 from todo_cqrs.config import Settings
-from todo_cqrs.http import create_app, mint_token
+from todo_cqrs.http import create_app
 
 SEED = 20261122
 EXAMPLES = 100

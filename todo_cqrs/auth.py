@@ -92,6 +92,12 @@ def _numeric_date(value: Any) -> bool:
         return False
 
 
+def mint_token(secret: str, user_id: str, ttl: int = 3600) -> str:
+    """A bare HS256 token for `todo-cqrs token` (and the tests): sub, iat and exp."""
+    now = int(time.time())
+    return jwt.encode({"sub": user_id, "iat": now, "exp": now + ttl}, secret, algorithm="HS256")
+
+
 # --- loading keys -----------------------------------------------------------------------------
 
 

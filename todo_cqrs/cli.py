@@ -55,6 +55,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             access_log=False,  # the app logs each request as JSON, with its request id
             log_config=None,
             server_header=False,
+            timeout_graceful_shutdown=settings.shutdown_timeout,
         )
     finally:
         if metrics_dir:
@@ -69,10 +70,13 @@ def migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def token(args: argparse.Namespace, settings: Settings) -> int:
-    from todo_cqrs.http import mint_token
+    from todo_cqrs.auth import mint_token
 
     if not 1 <= len(args.user) <= 255:
         print("USER must be 1 to 255 characters", file=sys.stderr)
+        return 2
+    if args.ttl < 1:
+        print("--ttl must be 1 second or more (the token would be born expired)", file=sys.stderr)
         return 2
     secret = settings.hs256_secret()
     if secret is None:
@@ -123,8 +127,18 @@ class Progress:
         return time.monotonic() - self.started
 
 
+class NotMigrated(Exception):
+    """The database lacks migrations that the command needs."""
+
+
 async def _event_count(url: str, user: str | None) -> int | None:
+    """The events a rebuild will fold (an estimate for all users); first, the database must
+    be migrated, or the rebuild would fail on a missing table or column."""
     async with await psycopg.AsyncConnection.connect(url) as conn:
+        if pending := await db.pending_migrations(conn):
+            raise NotMigrated(
+                f"the database lacks migrations {', '.join(pending)}; run `todo-cqrs migrate`"
+            )
         if user is not None:
             cur = await conn.execute("SELECT count(*) FROM events WHERE user_id = %s", (user,))
         else:  # the planner's estimate, if it has one: counting millions of rows costs
@@ -138,9 +152,17 @@ async def _event_count(url: str, user: str | None) -> int | None:
 
 
 def rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    url = database_url(settings)
     label = "check" if args.check else "rebuild"
-    progress = Progress(label, asyncio.run(_event_count(url, args.user)), args.quiet)
+    if args.check and args.user is not None:
+        print(f"todo-cqrs {label}: --check compares every user; drop --user", file=sys.stderr)
+        return 2
+    url = database_url(settings)
+    try:
+        total = asyncio.run(_event_count(url, args.user))
+    except NotMigrated as error:
+        print(f"todo-cqrs {label}: {error}", file=sys.stderr)
+        return 2
+    progress = Progress(label, total, args.quiet)
     try:
         if args.check:
             drifts = asyncio.run(projection.check(url, progress))
@@ -165,9 +187,11 @@ def rebuild(args: argparse.Namespace, settings: Settings) -> int:
             f"checked {progress.done:,} events in {seconds:.1f} s ({rate:,.0f} events/s): {verdict}"
         )
         return 1 if drifts else 0
+    # A user's rebuild holds the user's lock throughout: nothing to catch up afterwards.
+    caught_up = "" if args.user else f"; {summary.caught_up:,} caught up while it ran"
     print(
         f"rebuilt {summary.tasks:,} tasks from {summary.events:,} events in {seconds:.1f} s"
-        f" ({rate:,.0f} events/s; {summary.caught_up:,} caught up while it ran)"
+        f" ({rate:,.0f} events/s{caught_up})"
     )
     return 0
 

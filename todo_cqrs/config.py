@@ -20,6 +20,10 @@ class Settings:
     pool_timeout: float
     log_level: str
     heartbeat: float = 10.0
+    # On SIGTERM, `serve` stops accepting and lets requests in flight finish; event streams
+    # never finish by themselves, so whatever is still open after this long is cut (an
+    # EventSource reconnects elsewhere with Last-Event-ID and misses nothing).
+    shutdown_timeout: int = 10
     jwt_public_key: str | None = None  # PEM text, or the path of a PEM file
     jwt_jwks_url: str | None = None
     jwt_jwks_file: str | None = None
@@ -47,6 +51,7 @@ class Settings:
             pool_timeout=float(env.get("TODO_POOL_TIMEOUT", "3")),
             log_level=env.get("TODO_LOG_LEVEL", "INFO").upper(),
             heartbeat=float(env.get("TODO_SSE_HEARTBEAT", "10")),
+            shutdown_timeout=int(env.get("TODO_SHUTDOWN_TIMEOUT", "10")),
             jwt_public_key=env.get("TODO_JWT_PUBLIC_KEY") or None,
             jwt_jwks_url=env.get("TODO_JWT_JWKS_URL") or None,
             jwt_jwks_file=env.get("TODO_JWT_JWKS_FILE") or None,

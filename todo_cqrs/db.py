@@ -49,9 +49,9 @@ def migration_ids() -> list[str]:
 @functools.cache
 def _migration_ids() -> tuple[str, ...]:
     # Read once: `/ready` asks on every call. A migration is SQL, or Python where SQL alone
-    # cannot do it.
+    # cannot do it; `NAME.rollback.sql` is yoyo's way back from NAME, not a migration.
     names = [p.stem for p in migrations_dir().iterdir() if p.suffix in (".sql", ".py")]
-    return tuple(sorted(names))
+    return tuple(sorted(name for name in names if not name.endswith(".rollback")))
 
 
 _embedded: dict[Path, Any] = {}
@@ -86,11 +86,14 @@ def _forget_dead_users(pid_list: Path) -> None:
         pids = json.loads(pid_list.read_text() or "[]")
     except (OSError, ValueError):
         return
-    alive = [
-        pid
-        for pid in pids
-        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    ]
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # gone, or gone between two looks
+            return False
+
+    alive = [pid for pid in pids if running(pid)]
     if alive != pids:
         pid_list.write_text(json.dumps(alive))
 
@@ -121,12 +124,13 @@ def migrate(url: str) -> list[str]:
         lock_conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
             backend = get_backend(yoyo_url(url))
-            migrations = read_migrations(str(migrations_dir()))
-            pending = backend.to_apply(migrations)
-            if pending:
-                with backend.lock():
-                    backend.apply_migrations(pending)
-            backend.connection.close()
+            try:
+                pending = backend.to_apply(read_migrations(str(migrations_dir())))
+                if pending:
+                    with backend.lock():
+                        backend.apply_migrations(pending)
+            finally:
+                backend.connection.close()
             return [m.id for m in pending]
         finally:
             lock_conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))

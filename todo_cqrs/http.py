@@ -6,6 +6,7 @@ Controllers stay thin: parse, call one command handler or one query, shape the a
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import os
@@ -17,13 +18,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import date, datetime
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
-import jwt
 import msgspec
 import psycopg
 from litestar import Litestar, Request, Response, delete, get, patch, post
 from litestar.connection import ASGIConnection
-from litestar.datastructures import State
+from litestar.datastructures import ResponseHeader, State
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
@@ -77,8 +78,10 @@ MAX_BODY = 64 * 1024
 MAX_HEADERS = 64 * 1024  # uvicorn's httptools parser has no limit of its own
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _encode = msgspec.json.Encoder().encode
-_REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _IDEMPOTENCY_KEY_FORM = re.compile(r"[\x20-\x7e]{1,255}")
+_PAST_MICROSECONDS = re.compile(r"(\.[0-9]{6})[0-9]+")  # the digits a datetime cannot hold
+_EVENT_POSITION_FORM = re.compile(r"[0-9]{1,18}")  # a bigint, never past its range
 _VERSION_MAX = 2**31 - 1  # events.version is a PostgreSQL integer
 # Sent with every command answer when queries may go to a replica (QUERY_DATABASE_URL); a
 # query that sends it back sees that command's effect.
@@ -190,6 +193,7 @@ async def _housekeeping(pool: AsyncConnectionPool) -> None:
                 pruned_at = time.monotonic()
             except (psycopg.Error, PoolTimeout) as error:
                 log.warning("could not prune idempotency keys: %s", error)
+                pruned_at = time.monotonic() - 3600 + 60  # again in a minute
         await asyncio.sleep(2)
 
 
@@ -210,6 +214,18 @@ async def _send_problem(send: Send, problem: Problem) -> None:
     await send(end)
 
 
+def _repeated_parameters(query: bytes) -> list[str]:
+    """The query parameters given more than once. Litestar would keep the last value of a
+    scalar parameter and drop the others unchecked (`limit=abc&limit=1`), so such a request
+    is refused; no endpoint takes a list."""
+    if b"&" not in query:
+        return []
+    counts = collections.Counter(
+        name for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    )
+    return sorted(name for name, count in counts.items() if count > 1)
+
+
 class ServiceEdge:
     """Wraps the whole Litestar app, so that every answer (unrouted 404s included) carries
     X-Request-ID, is counted, and is logged once."""
@@ -222,10 +238,11 @@ class ServiceEdge:
             await self.app(scope, receive, send)
             return
         method = scope["method"]
-        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode(
-            "latin-1"
+        # Stripped: RFC 9110 field values carry no surrounding whitespace.
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").strip()
+        request_id = (
+            given.decode("latin-1") if _REQUEST_ID_FORM.fullmatch(given) else uuid.uuid4().hex
         )
-        request_id = given if _REQUEST_ID_FORM.fullmatch(given) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
         status = 500
         started = time.perf_counter()
@@ -245,6 +262,11 @@ class ServiceEdge:
                 await _send_problem(
                     send_with_id, Problem(431, "The request headers are too large.")
                 )
+            elif repeated := _repeated_parameters(scope["query_string"]):
+                message = "given more than once"
+                errors = [FieldError(name, message) for name in repeated]
+                problem = Problem(400, "Give each query parameter once.", errors=errors)
+                await _send_problem(send_with_id, problem)
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
@@ -295,11 +317,6 @@ class JWTAuth(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=claims["sub"], auth=claims)
 
 
-def mint_token(secret: str, user_id: str, ttl: int = 3600) -> str:
-    now = int(time.time())
-    return jwt.encode({"sub": user_id, "iat": now, "exp": now + ttl}, secret, algorithm="HS256")
-
-
 # --- errors ---------------------------------------------------------------------------------
 
 
@@ -342,6 +359,19 @@ def _on_database_down(_: Request[Any, Any, Any], exc: Exception) -> Response[Pro
     log.warning("database unavailable: %s", exc)
     return problem_response(
         Problem(503, "The database is not reachable; retry shortly.", headers={"Retry-After": "1"})
+    )
+
+
+def _on_not_migrated(_: Request[Any, Any, Any], exc: Exception) -> Response[ProblemBody]:
+    # Only a server started without `serve` (which migrates first) gets here, or one whose
+    # database was rolled back under it; /ready says the same.
+    log.error("the database is not migrated: %s", exc)
+    return problem_response(
+        Problem(
+            503,
+            "The database lacks migrations; run `todo-cqrs migrate`.",
+            headers={"Retry-After": "5"},
+        )
     )
 
 
@@ -583,6 +613,11 @@ async def list_tasks(
 @get(
     "/tasks/{task_id:str}",
     responses={**_errors(400, 404), 304: ResponseSpec(None, description="Not modified")},
+    response_headers=[
+        ResponseHeader(
+            name="ETag", documentation_only=True, description='The version shown, as "3"'
+        )
+    ],
 )
 async def get_task(
     request: Request[str, Any, Any],
@@ -600,6 +635,10 @@ async def get_task(
         raise Problem(400, "Give version or as_of, not both.")
     if as_of is not None and as_of.tzinfo is None:
         raise Problem(400, "as_of needs a UTC offset (RFC 3339).")
+    if as_of is not None and _PAST_MICROSECONDS.search(given := request.query_params["as_of"]):
+        # Parsing rounded to the nearest microsecond, which may be after the moment asked
+        # for and show an event from after it: round down instead (parsed as Litestar does).
+        as_of = msgspec.convert(_PAST_MICROSECONDS.sub(r"\1", given), datetime, strict=False)
     if version is not None and version > _VERSION_MAX:
         raise not_found()  # past the current version of any task: versions are int4
     if version is None and as_of is None:
@@ -641,7 +680,7 @@ async def list_events(
     return await queries.user_events(source, request.user, after, limit)
 
 
-@get("/events/stream", responses=_errors(400))
+@get("/events/stream", media_type="text/event-stream", responses=_errors(400))
 async def stream_events(
     request: Request[str, Any, Any],
     after: Annotated[int | None, QueryParameter(ge=0)] = None,
@@ -658,7 +697,9 @@ async def stream_events(
     settings: Settings = request.app.state.settings
     user: str = request.user
     if last_event_id is not None:
-        if not last_event_id.isdigit() or len(last_event_id) > 18:
+        last_event_id = last_event_id.strip()  # RFC 9110: no surrounding whitespace
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if not _EVENT_POSITION_FORM.fullmatch(last_event_id):
             raise Problem(400, "Last-Event-ID must be an event position.")
         after = int(last_event_id)
     if after is None:
@@ -668,24 +709,32 @@ async def stream_events(
     async def messages() -> AsyncIterator[ServerSentEventMessage]:
         nonlocal position
         flag = signal.subscribe(user)
+        # The heartbeat is due `heartbeat` seconds after the last message sent, however often
+        # the stream wakes up meanwhile without anything to send.
+        last_sent = time.monotonic()
         try:
             while True:
                 flag.clear()
                 try:
                     page = await queries.user_events(pool, user, position, 500)
-                except (psycopg.Error, PoolTimeout):
+                except (psycopg.Error, PoolTimeout) as error:
+                    # The stream stays open and tries again at the next wake-up or heartbeat.
+                    log.warning("event stream could not read the feed: %s", error)
                     page = queries.FeedPage(items=[], next_position=position)
                 for event in page.items:
                     yield ServerSentEventMessage(
                         data=_encode(event).decode(), id=str(event.position)
                     )
+                    last_sent = time.monotonic()
                 position = page.next_position
                 if len(page.items) == 500:
                     continue
                 try:
-                    await asyncio.wait_for(flag.wait(), settings.heartbeat)
+                    due = last_sent + settings.heartbeat - time.monotonic()
+                    await asyncio.wait_for(flag.wait(), max(due, 0.0))
                 except TimeoutError:
                     yield ServerSentEventMessage(data=None, comment="heartbeat")
+                    last_sent = time.monotonic()
         finally:
             signal.unsubscribe(user, flag)
 
@@ -733,7 +782,8 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
         output = generate_latest(registry)
     else:
         output = generate_latest()
-    return Response(output, media_type=CONTENT_TYPE_LATEST)
+    # As a header: given as media_type, Litestar appends a second "; charset=utf-8".
+    return Response(output, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # --- the app --------------------------------------------------------------------------------
@@ -774,6 +824,12 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
         finally:
             for helper in helpers:
                 helper.cancel()
+            # Bounded: a cancellation that lands inside a failing driver call can be lost
+            # (seen with psycopg 3.2), and the stop must not wait for it forever.
+            done, _ = await asyncio.wait(helpers, timeout=5)
+            for helper in done:
+                if not helper.cancelled() and (error := helper.exception()) is not None:
+                    log.error("background task failed", exc_info=error)  # died before
             for each in pools:
                 await each.close()
             await verifier.aclose()
@@ -801,6 +857,8 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
             HTTPException: _on_http_exception,
             psycopg.OperationalError: _on_database_down,
             PoolTimeout: _on_database_down,
+            psycopg.errors.UndefinedTable: _on_not_migrated,
+            psycopg.errors.UndefinedColumn: _on_not_migrated,
             Exception: _on_unexpected,
         },
         lifespan=[lifespan],

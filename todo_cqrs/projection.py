@@ -114,7 +114,7 @@ class _Tally:
 
 
 class RebuildBusy(Exception):
-    """Another rebuild (or check) holds the rebuild lock."""
+    """Another rebuild holds the rebuild lock (`check` takes none: it only reads)."""
 
 
 class Drift(msgspec.Struct):
@@ -224,25 +224,27 @@ async def _copy_indexes(conn: Conn) -> None:
 
 async def _catch_up(conn: Conn, table: str, after_position: int) -> int:
     """Fold into `table` the events after a position that it does not hold yet."""
-    cur = await conn.execute(
-        "SELECT user_id, task_id, version, type, data::text, schema_version, occurred_at"
-        " FROM events WHERE position > %s ORDER BY user_id, task_id, version",
-        (after_position,),
-    )
-    rows = await cur.fetchall()
-    applied = 0
-    state: Task | None = None
-    key: tuple[str, UUID] | None = None
-    for user_id, task_id, version, type_name, data, schema_version, at in rows:
-        if key != (user_id, task_id):
-            if key is not None and state is not None:
-                await save_task(conn, key[0], state, table)
-            key = (user_id, task_id)
-            state = await load_task(conn, user_id, task_id, table)
-        if state is None or version > state.version:
-            event = decode_event(type_name, data, schema_version)
-            state = evolve(state, Recorded(task_id, version, at, event))
-            applied += 1
+    # A server-side cursor, so that memory stays flat however much was written meanwhile;
+    # the rows are written through the same connection between its fetches.
+    async with conn.cursor(name="catch_up") as cur:
+        await cur.execute(
+            "SELECT user_id, task_id, version, type, data::text, schema_version, occurred_at"
+            " FROM events WHERE position > %s ORDER BY user_id, task_id, version",
+            (after_position,),
+        )
+        applied = 0
+        state: Task | None = None
+        key: tuple[str, UUID] | None = None
+        async for user_id, task_id, version, type_name, data, schema_version, at in cur:
+            if key != (user_id, task_id):
+                if key is not None and state is not None:
+                    await save_task(conn, key[0], state, table)
+                key = (user_id, task_id)
+                state = await load_task(conn, user_id, task_id, table)
+            if state is None or version > state.version:
+                event = decode_event(type_name, data, schema_version)
+                state = evolve(state, Recorded(task_id, version, at, event))
+                applied += 1
     if key is not None and state is not None:
         await save_task(conn, key[0], state, table)
     return applied
