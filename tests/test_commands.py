@@ -3,6 +3,7 @@ commands, If-Match and Idempotency-Key (API.md, "Commands")."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -463,6 +464,18 @@ def test_malformed_if_match_answers_400(api: Any, header: str) -> None:
     task = api.create()
     response = api.patch(f"/tasks/{task['id']}", json={"title": "b"}, headers={"If-Match": header})
     assert_problem(response, 400)
+    assert types(api, task["id"]) == ["TaskCreated"]
+
+
+def test_a_long_malformed_if_match_is_refused_in_linear_time(api: Any) -> None:
+    """60,000 spaces before a bad character: a backtracking parser took ~20 s (quadratic),
+    blocking the worker's event loop; the answer must come as fast as for a short header."""
+    task = api.create()
+    header = '"1",' + " " * 60_000 + "x"
+    started = time.monotonic()
+    response = api.patch(f"/tasks/{task['id']}", json={"title": "b"}, headers={"If-Match": header})
+    assert_problem(response, 400)
+    assert time.monotonic() - started < 2.0
     assert types(api, task["id"]) == ["TaskCreated"]
 
 

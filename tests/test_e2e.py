@@ -538,6 +538,16 @@ def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
     assert result.stderr == "todo-cqrs check: --check compares every user; drop --user\n"
 
 
+def test_a_bad_setting_is_named_without_a_traceback(tmp_path: Path) -> None:
+    env = service_env(TODO_SHUTDOWN_TIMEOUT="2.5", TODO_DATA_DIR=str(tmp_path / "data"))
+    result = run_cli("token", "alice", env=env)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "todo-cqrs: bad configuration: TODO_SHUTDOWN_TIMEOUT: expected whole seconds,"
+        " 1 or more; got '2.5'\n"
+    )
+
+
 def test_migrate_from_several_processes_at_once(new_database: Callable[[], str]) -> None:
     url = new_database()
     env = service_env(DATABASE_URL=url)

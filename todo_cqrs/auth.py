@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from todo_cqrs.config import Settings
+from todo_cqrs.domain import text_problem
 
 log = logging.getLogger("todo_cqrs.auth")
 
@@ -69,16 +70,6 @@ class VerificationKey:
         if self.algorithm != algorithm:
             return False
         return self.kid is None or kid is None or self.kid == kid
-
-
-def _storable_text(text: str) -> bool:
-    """PostgreSQL text holds it: no NUL, and valid UTF-8 (a JSON escape such as \\ud800
-    decodes to a lone surrogate, which UTF-8 cannot encode)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
 
 
 def _numeric_date(value: Any) -> bool:
@@ -405,8 +396,8 @@ class Verifier:
             subject, expires = claims["sub"], claims["exp"]
             if not isinstance(subject, str) or not 1 <= len(subject) <= 255:
                 raise jwt.InvalidTokenError("sub must be a string of 1 to 255 characters")
-            if not _storable_text(subject):
-                raise jwt.InvalidTokenError("sub must be UTF-8 text without NUL characters")
+            if problem := text_problem(subject):  # the user id is stored as text
+                raise jwt.InvalidTokenError(f"sub {problem}")
             if not _numeric_date(expires):
                 raise jwt.InvalidTokenError("exp must be a finite number of seconds")
         except jwt.PyJWTError as error:  # InvalidKeyError too: never a 500 for a token

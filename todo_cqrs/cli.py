@@ -258,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=generate)
 
     args = parser.parse_args(argv)
-    result: int = args.run(args, Settings.from_env())
+    try:
+        settings = Settings.from_env()
+    except ValueError as error:  # a setting that does not parse: say which, no traceback
+        print(f"todo-cqrs: bad configuration: {error}", file=sys.stderr)
+        return 2
+    result: int = args.run(args, settings)
     return result
 
 

@@ -226,7 +226,8 @@ _FIELD_TYPES: dict[str, Any] = {
 }
 
 
-def _string_problem(value: str) -> str | None:
+def text_problem(value: str) -> str | None:
+    """Why PostgreSQL text cannot hold this string, or None when it can."""
     if "\x00" in value:
         return "must not contain a NUL character"
     try:
@@ -239,12 +240,12 @@ def _string_problem(value: str) -> str | None:
 def _field_problem(name: str, value: Any) -> str | None:
     """The contract's rule for one well-typed field, or None when the value keeps it."""
     if name == "title":
-        if problem := _string_problem(value):
+        if problem := text_problem(value):
             return problem
         if not 1 <= len(value) <= TITLE_MAX:  # the value is trimmed by now
             return f"must be 1 to {TITLE_MAX} characters after trimming"
     elif name == "description":
-        if problem := _string_problem(value):
+        if problem := text_problem(value):
             return problem
         if len(value) > DESCRIPTION_MAX:
             return f"must be at most {DESCRIPTION_MAX} characters"
@@ -254,7 +255,7 @@ def _field_problem(name: str, value: Any) -> str | None:
         if len(set(value)) != len(value):
             return "must not hold the same tag twice"
         for tag in value:
-            if problem := _string_problem(tag):
+            if problem := text_problem(tag):
                 return f"each tag {problem}"
             if not 1 <= len(tag) <= TAG_MAX:
                 return f"each tag must be 1 to {TAG_MAX} characters"

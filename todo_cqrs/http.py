@@ -67,6 +67,7 @@ from todo_cqrs.domain import (
     RestoreTask,
     Task,
     parse_command,
+    text_problem,
 )
 from todo_cqrs.eventstore import NewEventSignal
 from todo_cqrs.problems import PROBLEM_JSON, Problem, ProblemBody, not_found
@@ -80,7 +81,8 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 _encode = msgspec.json.Encoder().encode
 _REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _IDEMPOTENCY_KEY_FORM = re.compile(r"[\x20-\x7e]{1,255}")
-_PAST_MICROSECONDS = re.compile(r"(\.[0-9]{6})[0-9]+")  # the digits a datetime cannot hold
+# The digits of an RFC 3339 time's seconds that a datetime cannot hold.
+_PAST_MICROSECONDS = re.compile(r"(:[0-9]{2}\.[0-9]{6})[0-9]+")
 _EVENT_POSITION_FORM = re.compile(r"[0-9]{1,18}")  # a bigint, never past its range
 _VERSION_MAX = 2**31 - 1  # events.version is a PostgreSQL integer
 # Sent with every command answer when queries may go to a replica (QUERY_DATABASE_URL); a
@@ -223,7 +225,8 @@ def _repeated_parameters(query: bytes) -> list[str]:
     counts = collections.Counter(
         name for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     )
-    return sorted(name for name, count in counts.items() if count > 1)
+    # At most ten names of at most 100 characters: a long query makes no longer an answer.
+    return sorted(name[:100] for name, count in counts.items() if count > 1)[:10]
 
 
 class ServiceEdge:
@@ -391,8 +394,11 @@ def _task_uuid(task_id: str) -> uuid.UUID:
 
 
 # One member of an entity-tag list (RFC 9110 8.8.3, 5.6.1): `*`, `"tag"` or `W/"tag"`, or
-# nothing (empty members are allowed), then a comma or the end.
-_ENTITY_TAG_MEMBER = re.compile(r'[ \t]*(?:(\*)|(W/)?"([\x21\x23-\x7e\x80-\xff]*)")?[ \t]*(?:,|\Z)')
+# nothing (empty members are allowed), then a comma or the end. Possessive (`*+`): a run of
+# spaces is never re-split, or a long one before a bad character costs quadratic time.
+_ENTITY_TAG_MEMBER = re.compile(
+    r'[ \t]*+(?:(\*)|(W/)?"([\x21\x23-\x7e\x80-\xff]*+)")?[ \t]*+(?:,|\Z)'
+)
 
 
 def _entity_tags(request: Request[Any, Any, Any], name: str) -> list[tuple[str, bool]] | None:
@@ -601,8 +607,7 @@ async def list_tasks(
 ) -> Response[TaskPage]:
     """The user's tasks, newest first, keyset-paginated."""
     for name, value in (("tag", tag), ("q", q), ("cursor", cursor)):
-        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
-            message = "must not contain a NUL character"
+        if value is not None and (message := text_problem(value)):
             raise Problem(400, f"{name} {message}.", errors=[FieldError(name, message)])
     filters = TaskFilters(completed=completed, tag=tag, q=q, due_before=due_before)
     source = _reader(request, consistency_token)
@@ -697,7 +702,7 @@ async def stream_events(
     settings: Settings = request.app.state.settings
     user: str = request.user
     if last_event_id is not None:
-        last_event_id = last_event_id.strip()  # RFC 9110: no surrounding whitespace
+        last_event_id = last_event_id.strip(" \t")  # RFC 9110: no surrounding whitespace
         # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
         if not _EVENT_POSITION_FORM.fullmatch(last_event_id):
             raise Problem(400, "Last-Event-ID must be an event position.")
@@ -712,14 +717,19 @@ async def stream_events(
         # The heartbeat is due `heartbeat` seconds after the last message sent, however often
         # the stream wakes up meanwhile without anything to send.
         last_sent = time.monotonic()
+        failing = False
         try:
             while True:
                 flag.clear()
                 try:
                     page = await queries.user_events(pool, user, position, 500)
+                    failing = False
                 except (psycopg.Error, PoolTimeout) as error:
-                    # The stream stays open and tries again at the next wake-up or heartbeat.
-                    log.warning("event stream could not read the feed: %s", error)
+                    # The stream stays open and tries again at the next wake-up or heartbeat;
+                    # it says so once, not at each try (an outage has many streams open).
+                    if not failing:
+                        log.warning("event stream could not read the feed: %s", error)
+                    failing = True
                     page = queries.FeedPage(items=[], next_position=position)
                 for event in page.items:
                     yield ServerSentEventMessage(

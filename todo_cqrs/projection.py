@@ -226,6 +226,10 @@ async def _catch_up(conn: Conn, table: str, after_position: int) -> int:
     """Fold into `table` the events after a position that it does not hold yet."""
     # A server-side cursor, so that memory stays flat however much was written meanwhile;
     # the rows are written through the same connection between its fetches.
+    # A cursor is planned for its first rows (cursor_tuple_fraction 0.1): PostgreSQL would
+    # walk the whole events_pkey in order instead of finding the few new rows through the
+    # position index, and the last catch-up runs under the ACCESS EXCLUSIVE lock.
+    await conn.execute("SET LOCAL cursor_tuple_fraction = 1")
     async with conn.cursor(name="catch_up") as cur:
         await cur.execute(
             "SELECT user_id, task_id, version, type, data::text, schema_version, occurred_at"
