@@ -303,6 +303,12 @@ async def rebuild_all(conninfo: str, on_events: OnEvents = _ignore) -> RebuildSu
                 tasks = await _copy_tasks(writer, NEW_TABLE, folded)
                 await reader.rollback()
                 await _copy_indexes(writer)
+                # The catch-ups find the new events through the BRIN index on position. Make
+                # sure it covers the whole table and the planner knows how far positions go,
+                # whatever autovacuum did (it may be off): else the last catch-up scans every
+                # event under the lock (70 ms per million here).
+                await writer.execute("SELECT brin_summarize_new_values('events_position_brin')")
+                await writer.execute("ANALYZE events")
                 await writer.commit()
                 caught_up = await _catch_up(writer, NEW_TABLE, mark)
                 await writer.commit()
