@@ -322,3 +322,55 @@ def test_a_command_that_loses_the_race_starts_over_from_the_new_version(
         *[b.title for b in sorted(bodies, key=lambda b: b.version)],
     ]
     assert row == (3, last.title)
+
+
+def test_commands_stay_serialised_when_the_database_defaults_to_repeatable_read(
+    server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The expected-version write needs READ COMMITTED; the service asks for it on every
+    connection, so a server whose default is REPEATABLE READ changes nothing (it used to
+    answer half of these commands 503, "could not serialize access")."""
+    url = db.create_database(server_url, "todo_cqrs_repeatable")
+    folder = tmp_path_factory.mktemp("repeatable")
+    try:
+        db.migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            name = conn.info.dbname
+            conn.execute(
+                f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'"
+            )
+        env = service_env(
+            DATABASE_URL=url,
+            TODO_JWT_SECRET=SECRET,
+            TODO_DATA_DIR=str(folder / "data"),
+            TODO_LOG_LEVEL="WARNING",
+            TMPDIR=str(folder),
+        )
+        user = f"repeatable-{uuid.uuid4()}"
+        token = mint_token(SECRET, user)
+        with ServeProcess(env, folder, folder / "serve.log", workers=2) as serve:
+            with http_client(serve.url, token) as http:
+                task_id = http.post("/tasks", json={"title": "contended"}).json()["id"]
+            start = threading.Barrier(12, timeout=30)
+
+            def client(number: int) -> list[int]:
+                with http_client(serve.url, token) as http:
+                    start.wait()
+                    return [
+                        http.patch(f"/tasks/{task_id}", json={"title": f"{number}-{i}"}).status_code
+                        for i in range(10)
+                    ]
+
+            with ThreadPoolExecutor(max_workers=12) as pool:
+                statuses = [
+                    s for f in [pool.submit(client, n) for n in range(12)] for s in f.result(120)
+                ]
+        assert statuses == [200] * 120
+        with psycopg.connect(url) as conn:
+            streams = event_streams(conn, user)
+            rows = projection_rows(conn, user)
+        assert [len(events) for events in streams.values()] == [121]
+        assert version_gaps(streams) == {}
+        assert differences(rows, fold_streams(streams)) == {}
+    finally:
+        db.drop_database(server_url, url)

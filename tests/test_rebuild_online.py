@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from conftest import JWT_SECRET
 from helpers import CLI, ServeProcess, http_client, run_cli, service_env
+from psycopg.conninfo import make_conninfo
 
 from todo_cqrs import dataset, db
 from todo_cqrs.auth import mint_token
@@ -259,3 +260,79 @@ def test_rebuild_under_load_loses_nothing_and_queries_keep_answering(
             assert task_id in rows, f"acknowledged task {task_id} is missing"
             expected = None if answer is None else answer["version"]
             assert rows[task_id] == expected, task_id
+
+
+def test_the_service_keeps_its_rights_when_another_role_rebuilds(
+    server_url: str, tmp_path: Path
+) -> None:
+    """`serve` as an application role with granted rights, the rebuild as the tables' owner:
+    the new `tasks` carries the old one's grants (it used to have none: every request 500)."""
+    url = db.create_database(server_url, "todo_cqrs_roles")
+    role = f"todo_app_{secrets.token_hex(4)}"
+    try:
+        db.migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            conn.execute(
+                f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"'
+            )
+            conn.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+        app_url = make_conninfo(url, user=role)
+        env = service_env(
+            DATABASE_URL=app_url, TODO_JWT_SECRET=JWT_SECRET, TODO_DATA_DIR=str(tmp_path)
+        )
+        user = f"roles-{secrets.token_hex(4)}"
+        with (
+            ServeProcess(env, tmp_path, tmp_path / "serve.log") as serve,
+            http_client(serve.url, mint_token(JWT_SECRET, user)) as http,
+        ):
+            assert http.post("/tasks", json={"title": "before"}).status_code == 201
+            done = run_cli("rebuild", "--quiet", env=service_env(DATABASE_URL=url), timeout=60)
+            assert done.returncode == 0, done.stderr
+            assert http.post("/tasks", json={"title": "after"}).status_code == 201
+            listed = http.get("/tasks")
+            assert listed.status_code == 200, listed.text
+            assert [t["title"] for t in listed.json()["items"]] == ["after", "before"]
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+        db.drop_database(server_url, url)
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_the_swap_waits_for_a_long_reader_in_bounded_turns(rebuild_url: str) -> None:
+    """A transaction that holds `tasks` for 10 s, longer than the rebuild's load takes: the
+    swap's lock request would queue every query behind it until the reader is done. It waits
+    at most SWAP_LOCK_TIMEOUT at a time, so queries are held up about a second at worst, and
+    the rebuild still succeeds once the reader is done."""
+    reader_started, stop = threading.Event(), threading.Event()
+    waits: list[float] = []
+
+    def long_reader() -> None:
+        with psycopg.connect(rebuild_url) as conn:
+            conn.execute("SELECT count(*) FROM tasks WHERE user_id = 'nobody'")
+            reader_started.set()
+            time.sleep(10)  # the transaction, and its lock on tasks, stays open meanwhile
+
+    def queries() -> None:
+        with psycopg.connect(rebuild_url, autocommit=True) as conn:
+            while not stop.is_set():
+                started = time.monotonic()
+                conn.execute("SELECT count(*) FROM tasks WHERE user_id = 'user-1'")
+                waits.append(time.monotonic() - started)
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=long_reader), threading.Thread(target=queries)]
+    threads[0].start()
+    assert reader_started.wait(10)
+    threads[1].start()
+    try:
+        done = run_cli("rebuild", "--quiet", env=service_env(DATABASE_URL=rebuild_url), timeout=120)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert done.returncode == 0, done.stderr
+    assert max(waits) < 2.5, max(waits)  # the lock timeout (1 s) and slack
+    assert check(rebuild_url).returncode == 0

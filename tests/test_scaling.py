@@ -126,7 +126,8 @@ _USER_COLUMN_FIRST = re.compile(rf"\b(?:INTO|COPY)\s+{USER_TABLES}\s*\(user_id,"
 ALL_USERS = {
     "FROM events {condition}": "the full rebuild and --check fold every stream;"
     " with --user, condition is `WHERE user_id = %s`",
-    "FROM events WHERE position > %s": "the rebuild's catch-up: events past its mark",
+    "FROM events e LEFT JOIN {table} t ON t.user_id = e.user_id": "the rebuild's catch-up:"
+    " events past its mark that the new table lacks (joined on user_id, so within a shard)",
     "COPY (SELECT user_id, {TASK_COLUMNS}, body FROM tasks": "--check reads the whole projection",
     "DELETE FROM idempotency_keys WHERE created_at <": "the hourly prune of answers past 24 h",
     "SELECT count(*) FROM events": "the rebuild's progress bar total; the benchmark's size",

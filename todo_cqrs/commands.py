@@ -270,20 +270,27 @@ async def _record(
     meta: eventstore.EventMeta,
 ) -> bool:
     """`_RECORD`; False when the task is no longer at `expected_version`."""
-    cur = await conn.execute(
-        _RECORD,
-        {
-            "user_id": user_id,
-            "task": task_json.decode(),
-            "expected_version": expected_version,
-            "task_id": recorded[0].task_id,
-            "occurred_at": recorded[0].occurred_at,
-            "request_id": meta.request_id,
-            "idempotency_key": meta.idempotency_key,
-            "events": eventstore.new_events_json(recorded),
-            "channel": eventstore.CHANNEL,
-        },
-    )
+    try:
+        cur = await conn.execute(
+            _RECORD,
+            {
+                "user_id": user_id,
+                "task": task_json.decode(),
+                "expected_version": expected_version,
+                "task_id": recorded[0].task_id,
+                "occurred_at": recorded[0].occurred_at,
+                "request_id": meta.request_id,
+                "idempotency_key": meta.idempotency_key,
+                "events": eventstore.new_events_json(recorded),
+                "channel": eventstore.CHANNEL,
+            },
+        )
+    except psycopg.errors.SerializationFailure:
+        # Outside a transaction the statement runs at the server's default isolation; at
+        # REPEATABLE READ a row changed since it began fails it rather than matching no
+        # expected version. Either way the task moved on: the caller starts over (in a
+        # READ COMMITTED transaction, see db.create_pool).
+        return False
     return cur.rowcount == 1
 
 

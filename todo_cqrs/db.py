@@ -183,7 +183,16 @@ def create_pool(
         # off for minutes: the next request starts a fresh attempt, so the service is back
         # within a second or two of the database.
         reconnect_timeout=2.0,
+        configure=_read_committed,
     )
+
+
+async def _read_committed(conn: psycopg.AsyncConnection[Any]) -> None:
+    """A command's retry transaction must see what committed while it waited for the user's
+    lock: READ COMMITTED, whatever the server's default (REPEATABLE READ would read from
+    before the wait). Sent with each BEGIN: no round trip. (A command's statements outside a
+    transaction run at the default; see commands._record.)"""
+    await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
 
 
 def use_utc() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -10,6 +11,7 @@ from uuid import UUID
 import msgspec
 import psycopg
 import psycopg.sql
+from psycopg import sql
 from psycopg.copy import AsyncQueuedLibpqWriter
 
 from todo_cqrs.domain import Recorded, Task, evolve
@@ -231,9 +233,14 @@ async def _catch_up(conn: Conn, table: str, after_position: int) -> int:
     # position index, and the last catch-up runs under the ACCESS EXCLUSIVE lock.
     await conn.execute("SET LOCAL cursor_tuple_fraction = 1")
     async with conn.cursor(name="catch_up") as cur:
+        # Only what the table lacks (a version past its row's), so that the last pass, under
+        # the lock, reads just what was written since the one before.
         await cur.execute(
-            "SELECT user_id, task_id, version, type, data::text, schema_version, occurred_at"
-            " FROM events WHERE position > %s ORDER BY user_id, task_id, version",
+            "SELECT e.user_id, e.task_id, e.version, e.type, e.data::text, e.schema_version,"
+            f" e.occurred_at FROM events e LEFT JOIN {table} t"
+            " ON t.user_id = e.user_id AND t.task_id = e.task_id"
+            " WHERE e.position > %s AND e.version > coalesce(t.version, 0)"
+            " ORDER BY e.user_id, e.task_id, e.version",
             (after_position,),
         )
         applied = 0
@@ -289,12 +296,16 @@ async def rebuild_all(conninfo: str, on_events: OnEvents = _ignore) -> RebuildSu
         await _take_rebuild_lock(control)
         try:
             await control.execute(f"DROP TABLE IF EXISTS {NEW_TABLE}")  # a killed run's
-            await control.execute(f"CREATE TABLE {NEW_TABLE} (LIKE tasks INCLUDING DEFAULTS)")
+            await control.execute(
+                f"CREATE TABLE {NEW_TABLE} (LIKE tasks INCLUDING ALL EXCLUDING INDEXES)"
+            )
+            await _copy_privileges(control)
             async with (
                 await psycopg.AsyncConnection.connect(conninfo) as reader,
                 await psycopg.AsyncConnection.connect(conninfo) as writer,
             ):
                 await reader.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+                await writer.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
                 async with control.transaction():
                     await control.execute("LOCK TABLE tasks IN SHARE MODE")
                     await reader.execute("SELECT 1")  # the snapshot is taken here
@@ -312,18 +323,81 @@ async def rebuild_all(conninfo: str, on_events: OnEvents = _ignore) -> RebuildSu
                 await writer.commit()
                 caught_up = await _catch_up(writer, NEW_TABLE, mark)
                 await writer.commit()
-                await writer.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-                caught_up += await _catch_up(writer, NEW_TABLE, mark)
-                names = [name for name, _, _ in await _indexes(writer, "tasks")]
-                await writer.execute("DROP TABLE tasks")
-                await writer.execute(f"ALTER TABLE {NEW_TABLE} RENAME TO tasks")
-                for name in names:
-                    await writer.execute(f"ALTER INDEX {name}__new RENAME TO {name}")
-                await writer.commit()
+                caught_up += await _swap_in(writer, mark)
                 count(caught_up)
         finally:
             await control.execute("SELECT pg_advisory_unlock(%s)", (REBUILD_LOCK,))
     return RebuildSummary(events=count.events, tasks=tasks, caught_up=caught_up)
+
+
+SWAP_LOCK_TIMEOUT = 1.0  # seconds that queries and commands may queue behind the swap
+SWAP_ATTEMPTS = 10
+
+
+async def _swap_in(writer: Conn, mark: int) -> int:
+    """Under an ACCESS EXCLUSIVE lock on `tasks`: the last catch-up, then the new table in
+    the old one's place. Every query and command queues behind a waiting lock request, so
+    the wait is bounded (lock_timeout); when a long transaction holds `tasks`, the rebuild
+    catches up unlocked, pauses, and tries again. Returns the events caught up."""
+    caught_up = 0
+    for _ in range(SWAP_ATTEMPTS):
+        try:
+            await writer.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}s'")
+            await writer.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        except psycopg.errors.LockNotAvailable:
+            await writer.rollback()
+            caught_up += await _catch_up(writer, NEW_TABLE, mark)
+            await writer.commit()
+            await asyncio.sleep(SWAP_LOCK_TIMEOUT)  # let the queue behind the attempt drain
+            continue
+        caught_up += await _catch_up(writer, NEW_TABLE, mark)
+        names = [name for name, _, _ in await _indexes(writer, "tasks")]
+        await writer.execute("DROP TABLE tasks")
+        await writer.execute(f"ALTER TABLE {NEW_TABLE} RENAME TO tasks")
+        for name in names:
+            await writer.execute(f"ALTER INDEX {name}__new RENAME TO {name}")
+        await writer.commit()
+        return caught_up
+    raise RebuildBusy(
+        f"other transactions held the tasks table through {SWAP_ATTEMPTS} tries of"
+        f" {SWAP_LOCK_TIMEOUT:g} s to swap the new projection in; it is unchanged. Look for"
+        " long transactions (pg_stat_activity) and try again"
+    )
+
+
+async def _copy_privileges(conn: Conn) -> None:
+    """Give the new table the live one's grants and owner: the service may run as a role
+    other than the one that rebuilds, and must keep its rights on `tasks`."""
+    cur = await conn.execute(
+        "SELECT a.grantee, pg_get_userbyid(a.grantee), a.privilege_type, a.is_grantable"
+        " FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = 'tasks'::regclass"
+    )
+    for grantee_oid, grantee, privilege, grantable in await cur.fetchall():
+        if privilege not in _TABLE_PRIVILEGES:
+            continue
+        to = sql.SQL("PUBLIC") if grantee_oid == 0 else sql.Identifier(grantee)
+        option = sql.SQL(" WITH GRANT OPTION" if grantable else "")
+        await conn.execute(
+            sql.SQL("GRANT {} ON {} TO {}{}").format(
+                sql.SQL(privilege), sql.Identifier(NEW_TABLE), to, option
+            )
+        )
+    cur = await conn.execute(
+        "SELECT pg_get_userbyid(relowner), pg_get_userbyid(relowner) <> current_user"
+        " FROM pg_class WHERE oid = 'tasks'::regclass"
+    )
+    row = await cur.fetchone()
+    if row and row[1]:
+        await conn.execute(
+            sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                sql.Identifier(NEW_TABLE), sql.Identifier(row[0])
+            )
+        )
+
+
+_TABLE_PRIVILEGES = frozenset(
+    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN"}
+)
 
 
 async def rebuild_user(
@@ -334,6 +408,9 @@ async def rebuild_user(
     count = _Tally(on_events)
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
         await _take_rebuild_lock(conn)
+        # The snapshot must come after the user's lock: under READ COMMITTED each statement
+        # takes its own, whatever the server's default isolation.
+        await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
         try:
             async with conn.transaction():
                 await lock_user(conn, user_id)
