@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -46,9 +47,7 @@ ROUNDS = 10
 TASKS = 3
 
 
-@pytest.fixture(scope="module")
-def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    folder = tmp_path_factory.mktemp("concurrency")
+def serve_two_workers(database_url: str, folder: Path) -> ServeProcess:
     env = service_env(
         DATABASE_URL=database_url,
         TODO_JWT_SECRET=SECRET,
@@ -56,7 +55,12 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         TODO_LOG_LEVEL="WARNING",
         TMPDIR=str(folder),
     )
-    with ServeProcess(env, folder, folder / "serve.log", workers=2) as process:
+    return ServeProcess(env, folder, folder / "serve.log", workers=2)
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    with serve_two_workers(database_url, tmp_path_factory.mktemp("concurrency")) as process:
         yield process
 
 
@@ -339,16 +343,9 @@ def test_commands_stay_serialised_when_the_database_defaults_to_repeatable_read(
             conn.execute(
                 f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'"
             )
-        env = service_env(
-            DATABASE_URL=url,
-            TODO_JWT_SECRET=SECRET,
-            TODO_DATA_DIR=str(folder / "data"),
-            TODO_LOG_LEVEL="WARNING",
-            TMPDIR=str(folder),
-        )
         user = f"repeatable-{uuid.uuid4()}"
         token = mint_token(SECRET, user)
-        with ServeProcess(env, folder, folder / "serve.log", workers=2) as serve:
+        with serve_two_workers(url, folder) as serve:
             with http_client(serve.url, token) as http:
                 task_id = http.post("/tasks", json={"title": "contended"}).json()["id"]
             start = threading.Barrier(12, timeout=30)

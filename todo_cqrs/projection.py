@@ -10,7 +10,6 @@ from uuid import UUID
 
 import msgspec
 import psycopg
-import psycopg.sql
 from psycopg import sql
 from psycopg.copy import AsyncQueuedLibpqWriter
 
@@ -342,7 +341,7 @@ async def _swap_in(writer: Conn, mark: int) -> int:
     caught_up = 0
     for _ in range(SWAP_ATTEMPTS):
         try:
-            await writer.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}s'")
+            await writer.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT * 1000:.0f}ms'")
             await writer.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
         except psycopg.errors.LockNotAvailable:
             await writer.rollback()
@@ -482,7 +481,7 @@ async def check(conninfo: str, on_events: OnEvents = _ignore) -> list[Drift]:
             await conn.set_read_only(True)
         cur = await events_conn.execute("SELECT pg_export_snapshot()")
         snapshot = (await cur.fetchone() or [""])[0]
-        await rows_conn.execute(f"SET TRANSACTION SNAPSHOT {psycopg.sql.quote(snapshot)}")
+        await rows_conn.execute(f"SET TRANSACTION SNAPSHOT {sql.quote(snapshot)}")
         folded = _folded(copy_task_streams(events_conn, c_order=True), on_events)
         rows = _copy_rows(rows_conn)
         task = await anext(folded, None)
