@@ -835,7 +835,7 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
             for helper in helpers:
                 helper.cancel()
             # Bounded: a cancellation that lands inside a failing driver call can be lost
-            # (seen with psycopg 3.2), and the stop must not wait for it forever.
+            # (seen with psycopg 3.3.9), and the stop must not wait for it forever.
             done, _ = await asyncio.wait(helpers, timeout=5)
             for helper in done:
                 if not helper.cancelled() and (error := helper.exception()) is not None:
