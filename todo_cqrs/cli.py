@@ -131,14 +131,18 @@ class NotMigrated(Exception):
     """The database lacks migrations that the command needs."""
 
 
-async def _event_count(url: str, user: str | None) -> int | None:
-    """The events a rebuild will fold (an estimate for all users); first, the database must
-    be migrated, or the rebuild would fail on a missing table or column."""
+async def _require_migrated(url: str) -> None:
+    """A rebuild on a database that lacks migrations would fail on a missing table or
+    column; say what to do instead."""
     async with await psycopg.AsyncConnection.connect(url) as conn:
         if pending := await db.pending_migrations(conn):
             raise NotMigrated(
                 f"the database lacks migrations {', '.join(pending)}; run `todo-cqrs migrate`"
             )
+
+
+async def _event_count(url: str, user: str | None) -> int | None:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
         if user is not None:
             cur = await conn.execute("SELECT count(*) FROM events WHERE user_id = %s", (user,))
         else:  # the planner's estimate, if it has one: counting millions of rows costs
@@ -158,11 +162,11 @@ def rebuild(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     url = database_url(settings)
     try:
-        total = asyncio.run(_event_count(url, args.user))
+        asyncio.run(_require_migrated(url))
     except NotMigrated as error:
         print(f"todo-cqrs {label}: {error}", file=sys.stderr)
         return 2
-    progress = Progress(label, total, args.quiet)
+    progress = Progress(label, asyncio.run(_event_count(url, args.user)), args.quiet)
     try:
         if args.check:
             drifts = asyncio.run(projection.check(url, progress))

@@ -51,7 +51,7 @@ class Settings:
             pool_timeout=float(env.get("TODO_POOL_TIMEOUT", "3")),
             log_level=env.get("TODO_LOG_LEVEL", "INFO").upper(),
             heartbeat=float(env.get("TODO_SSE_HEARTBEAT", "10")),
-            shutdown_timeout=_at_least_one(env.get("TODO_SHUTDOWN_TIMEOUT", "10")),
+            shutdown_timeout=_shutdown_timeout(env.get("TODO_SHUTDOWN_TIMEOUT", "10")),
             jwt_public_key=env.get("TODO_JWT_PUBLIC_KEY") or None,
             jwt_jwks_url=env.get("TODO_JWT_JWKS_URL") or None,
             jwt_jwks_file=env.get("TODO_JWT_JWKS_FILE") or None,
@@ -102,8 +102,9 @@ class Settings:
         return path.read_text().strip()
 
 
-def _at_least_one(value: str) -> int:
-    """Whole seconds, 1 or more: uvicorn takes an int, and 0 would cut every request."""
+def _shutdown_timeout(value: str) -> int:
+    """TODO_SHUTDOWN_TIMEOUT: whole seconds, 1 or more (uvicorn takes an int, and 0 would
+    cut every request)."""
     try:
         seconds = int(value)
     except ValueError:

@@ -115,7 +115,8 @@ class _Tally:
 
 
 class RebuildBusy(Exception):
-    """Another rebuild holds the rebuild lock (`check` takes none: it only reads)."""
+    """The rebuild cannot go on now: another one holds the rebuild lock (`check` takes
+    none: it only reads), or long transactions kept the swap from happening."""
 
 
 class Drift(msgspec.Struct):
