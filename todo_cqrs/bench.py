@@ -26,19 +26,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 import httpx
 import jwt
 import psutil
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
-from todo_cqrs import __version__, commands, db, eventstore, projection, queries
+from todo_cqrs import __version__, auth, commands, db, eventstore, projection, queries
+from todo_cqrs.config import Settings
 
 REPORT = Path("BENCHMARKS.md")
 
@@ -367,6 +372,8 @@ class Run:
     scenarios: list[Scenario] = field(default_factory=list)
     pgbench: dict[str, PgbenchResult] = field(default_factory=dict)
     worker_rss_mb: list[float] = field(default_factory=list)
+    floor: dict[str, Scenario] = field(default_factory=dict)  # FloorApp's get and list
+    floor_rss_mb: list[float] = field(default_factory=list)
     server_version: str = ""
     plans: dict[str, str] = field(default_factory=dict)
 
@@ -394,14 +401,23 @@ class Serve:
     """`todo-cqrs serve` on a free loopback port, in a session of its own (serve and its
     workers stop as one process group); its output goes to `log_path`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, workers: int) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, workers: int, app: str | None = None
+    ) -> None:
+        """`app` ("module:attribute"): that ASGI app under plain uvicorn instead of serve."""
+        self.env = env
         self.port = db.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("ab")
+        where = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)]
+        command = (
+            ["todo_cqrs.cli", "serve", *where]
+            if app is None
+            else ["uvicorn", app, *where, "--no-access-log", "--log-level", "warning"]
+        )
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "todo_cqrs.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(workers)],
+            [sys.executable, "-m", *command],
             env=env, cwd=log_path.parent, stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -450,6 +466,73 @@ class Serve:
                         member.kill()
         finally:
             self._log.close()
+
+
+# --- the floor: the service's reads without the framework ------------------------------------
+
+_Message = dict[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[_Message], Awaitable[None]]
+
+
+class FloorApp:
+    """`GET /tasks/{id}` and `GET /tasks?limit=50` as a bare ASGI app: the service's own pool
+    (`db.create_pool`, the same settings), token check (`auth.Verifier`, cache included) and
+    query functions, and nothing else: no Litestar, no request id, no log, no metrics, no
+    problem bodies (any failure is a bare 500, which wrk counts as an error).
+
+    What uvicorn, psycopg and PostgreSQL cost together on the machine of the run: `bench_api`
+    drives it with the same load right after the service, so the report can set the service's
+    reads against a floor measured minutes apart, not on another day's hardware.
+    """
+
+    def __init__(self) -> None:
+        self.pool: AsyncConnectionPool | None = None
+        self.verifier: auth.Verifier | None = None
+
+    async def __call__(self, scope: _Message, receive: _Receive, send: _Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        try:
+            status, body = 200, await self._read(scope)
+        except Exception:  # a floor, not a service: wrk only needs the status
+            status, body = 500, b""
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _read(self, scope: _Message) -> bytes:
+        assert self.pool is not None and self.verifier is not None
+        path: str = scope["path"]
+        if path == "/ready":
+            return b"{}"
+        authorization = dict(scope["headers"])[b"authorization"].decode()
+        user: str = (await self.verifier.verify(authorization.removeprefix("Bearer ")))["sub"]
+        if path == "/tasks":
+            return await queries.list_tasks(self.pool, user, queries.TaskFilters(), 50, None)
+        task = await queries.get_task(self.pool, user, UUID(path.removeprefix("/tasks/")))
+        return task.json
+
+    async def _lifespan(self, receive: _Receive, send: _Send) -> None:
+        settings = Settings.from_env()
+        assert settings.database_url is not None
+        self.pool = db.create_pool(
+            settings.database_url,
+            min_size=settings.pool_min,
+            max_size=settings.pool_max,
+            timeout=settings.pool_timeout,
+            prepared_statements=settings.prepared_statements,
+        )
+        self.verifier = auth.Verifier.from_settings(settings)
+        while (await receive())["type"] == "lifespan.startup":
+            await self.pool.open()
+            await send({"type": "lifespan.startup.complete"})
+        await self.pool.close()  # lifespan.shutdown
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+floor_app = FloorApp()
 
 
 def _token(secret: str, user: str, ttl: int) -> str:
@@ -721,9 +804,19 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
             raise RuntimeError(f"serve exited during {name}:\n{serve.tail()}")
     run.worker_rss_mb = [w.memory_info().rss / 2**20 for w in serve.workers()]
     print("worker RSS: " + ", ".join(f"{mb:.0f} MB" for mb in run.worker_rss_mb), flush=True)
-    serve.stop()  # the database alone for pgbench
+    serve.stop()  # the database alone for the floor and for pgbench
     if options.only:
-        return run  # a quick comparison: no ceiling, no report
+        return run  # a quick comparison: no floor, no ceiling, no report
+    floor = Serve(serve.env, folder / "floor.log", options.workers, app="todo_cqrs.bench:floor_app")
+    cleanup.callback(floor.stop)
+    floor.wait_ready()
+    if options.warmup:
+        run_wrk("get", floor.url, folder, targets_path, options, options.warmup)
+    for name in ("get", "list"):
+        run.floor[name] = run_wrk(name, floor.url, folder, targets_path, options, options.duration)
+        print(f"the floor (a bare ASGI app), {name}: {run.floor[name].rate:,.0f} requests/s")
+    run.floor_rss_mb = [w.memory_info().rss / 2**20 for w in floor.workers()]
+    floor.stop()
     if any(s.errors for s in run.scenarios):
         print(f"(some requests failed; the service's log is {serve.log_path})", flush=True)
     for name, text in pgbench_scripts(len(targets)).items():
@@ -1015,13 +1108,36 @@ def report(run: Run) -> str:
             " section): " + ", ".join(f"{n} {share:.0%}" for n, share in shares.items())
             + ": " + verdict(all(share >= 0.8 for share in shares.values()))
         )  # fmt: skip
+    floor_rows = [
+        f"| {name} | {by_name[name].rate:,.0f} | {f.rate:,.0f}"
+        f" | {by_name[name].rate / f.rate:.0%} | {f.rate / ceiling(run, name):.0%}"
+        f" | {f.p99_ms:.1f} | {f.errors} |"
+        for name, f in run.floor.items()
+        if name in by_name
+    ]
+    floor = ""
+    if floor_rows:
+        floor = f"""
+The floor, for scale: the same two reads from a bare ASGI app (`bench.FloorApp`) under plain
+uvicorn with {o.workers} workers, the service's pool settings, token check and query functions, and
+no framework, request id, log or metrics; the same load, right after the service. Its
+workers' RSS after the run: {", ".join(f"{mb:.0f} MB" for mb in run.floor_rss_mb)}.
+
+| read | service (req/s) | bare app (req/s) | service / bare | bare / ceiling | bare p99 | errors |
+| --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(floor_rows)}
+"""
+    bare_shares = ", ".join(
+        f"{name} {f.rate / ceiling(run, name):.0%}" for name, f in run.floor.items()
+    )
     targets = "\n".join(
         [
             f"- Zero errors: {error_total} in all: {verdict(error_total == 0)}",
             f"- p99 under 50 ms in every scenario: the worst is {worst_p99.name}"
             f" at {worst_p99.p99_ms:.1f} ms: {verdict(worst_p99.p99_ms < 50)}",
             ratio_line(("create", "patch"), "command", 0.5),
-            ratio_line(("get", "list"), "list", 0.4),
+            ratio_line(("get", "list"), "list", 0.4)
+            + (f" (the bare app: {bare_shares})" if bare_shares else ""),
             f"- RSS under 80 MB per worker: {rss}: "
             + verdict(all(mb < 80 for mb in run.worker_rss_mb)),
             *against_small,
@@ -1065,7 +1181,7 @@ script, reads with the list script, mixed with their 20/80 blend.
 | pgbench script | tps | latency average (ms) | failed |
 | --- | --- | --- | --- |
 {chr(10).join(pg_rows)}
-
+{floor}
 Resident memory (RSS) of each worker after the run: {rss}.
 
 Targets (issue 6):
