@@ -339,6 +339,22 @@ def test_body_of_64_kib_is_accepted_and_one_byte_more_answers_413(api: Any) -> N
 
 
 @pytest.mark.parametrize(
+    ("method", "suffix"),
+    [("POST", "/complete"), ("POST", "/reopen"), ("DELETE", ""), ("POST", "/restore")],
+)
+def test_commands_without_a_body_answer_413_to_one_over_64_kib(
+    api: Any, method: str, suffix: str
+) -> None:
+    """They read no body of theirs, but the limit holds for every command, with an
+    Idempotency-Key or without; nothing is appended."""
+    task = api.create()
+    path = f"/tasks/{task['id']}{suffix}"
+    assert_problem(api.request(method, path, content=b"x" * (64 * 1024 + 1)), 413)
+    assert api.get(f"/tasks/{task['id']}").json()["version"] == 1
+    assert api.request(method, path, content=b"x" * (64 * 1024)).status_code in {200, 204, 409}
+
+
+@pytest.mark.parametrize(
     "content",
     [b'{"title": ', b"not json", b'{"title": "x",}', b"", b"[]", b'"title"', b"null"],
     ids=["truncated", "text", "trailing-comma", "empty", "array", "string", "null"],

@@ -224,6 +224,8 @@ def test_time_travel_refuses_bad_parameters(api: Api) -> None:
         {"version": "-1"},
         {"version": "abc"},
         {"version": "1.5"},
+        {"version": "1.0"},  # Litestar would take it as 1
+        {"version": "1e0"},
         {"version": ""},
         {"as_of": "garbage"},
         {"as_of": "2026-13-01T00:00:00Z"},
@@ -357,8 +359,12 @@ def test_feed_limit_default_and_bounds(api: Api) -> None:
         {"after": "-1"},
         {"after": "abc"},
         {"after": "1.5"},
+        {"after": "1.0"},  # Litestar would take it as 1
+        {"limit": "1e2"},
     ):
         _assert_problem(api.get("/events", params=params), 400)
+    for params in ({"after": "1.0"}, {"after": "-0"}):
+        _assert_problem(api.get("/events/stream", params=params), 400)
 
 
 # --- a real server -----------------------------------------------------------------------------

@@ -228,6 +228,12 @@ def test_pages_respect_filters(api: Any) -> None:
         {"limit": "-1"},
         {"limit": "abc"},
         {"completed": "yes"},
+        {"completed": "1"},  # the contract names true|false; Litestar would take 1 and 0
+        {"completed": "True"},
+        {"limit": "1e2"},  # Litestar would take it as 100
+        {"limit": "1.0"},
+        {"limit": "+5"},
+        {"limit": ""},
         {"due_before": "tomorrow"},
         {"due_before": "2026-02-30"},
         {"cursor": "not a cursor"},
@@ -293,6 +299,21 @@ def test_get_task_with_etag_and_if_none_match(api: Any) -> None:
 def test_get_unknown_or_malformed_id_answers_404(api: Any, path: str) -> None:
     assert_problem(api.get(path), 404)
     assert_problem(api.get(f"{path}/history"), 404)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["urn:uuid:{id}", "{{{id}}}", "{hex}", "{id}0"],
+    ids=["urn", "braces", "no-hyphens", "too-long"],
+)
+def test_only_the_hyphenated_uuid_names_a_task(api: Any, spelling: str) -> None:
+    """uuid.UUID reads other spellings too; a task answers at one path (either case)."""
+    task = api.create()
+    path = "/tasks/" + spelling.format(id=task["id"], hex=task["id"].replace("-", ""))
+    assert_problem(api.get(path), 404)
+    assert_problem(api.get(f"{path}/history"), 404)
+    assert_problem(api.post(f"{path}/complete"), 404)
+    assert api.get(f"/tasks/{task['id'].upper()}").json() == task
 
 
 @pytest.mark.parametrize(

@@ -216,17 +216,37 @@ async def _send_problem(send: Send, problem: Problem) -> None:
     await send(end)
 
 
-def _repeated_parameters(query: bytes) -> list[str]:
-    """The query parameters given more than once. Litestar would keep the last value of a
-    scalar parameter and drop the others unchecked (`limit=abc&limit=1`), so such a request
-    is refused; no endpoint takes a list."""
-    if b"&" not in query:
-        return []
-    counts = collections.Counter(
-        name for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    )
-    # At most ten names of at most 100 characters: a long query makes no longer an answer.
-    return sorted(name[:100] for name, count in counts.items() if count > 1)[:10]
+# Parameters that Litestar would convert leniently (`limit=1e2` as 100, `version=1.0` as 1,
+# `completed=1` as true): only the forms that the contract names get through. No endpoint
+# takes these names in another sense.
+_WHOLE_NUMBER = (re.compile(r"[0-9]+"), "must be a whole number")
+_STRICT_PARAMETERS = {
+    "limit": _WHOLE_NUMBER,
+    "after": _WHOLE_NUMBER,
+    "version": _WHOLE_NUMBER,
+    "completed": (re.compile(r"true|false"), "must be true or false"),
+}
+
+
+def _query_problem(query: bytes) -> Problem | None:
+    """A parameter given more than once, or a number or boolean in a form the contract does
+    not name. Litestar would keep the last value of a repeated parameter and drop the others
+    unchecked (`limit=abc&limit=1`), so such a request is refused; no endpoint takes a list."""
+    if not query:
+        return None
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    counts = collections.Counter(name for name, _ in pairs)
+    if len(counts) < len(pairs):
+        # At most ten names of at most 100 characters: a long query makes no longer an answer.
+        repeated = sorted(name[:100] for name, count in counts.items() if count > 1)[:10]
+        errors = [FieldError(name, "given more than once") for name in repeated]
+        return Problem(400, "Give each query parameter once.", errors=errors)
+    errors = [
+        FieldError(name, strict[1])
+        for name, value in pairs
+        if (strict := _STRICT_PARAMETERS.get(name)) and not strict[0].fullmatch(value)
+    ]
+    return Problem(400, "Malformed query parameters.", errors=errors) if errors else None
 
 
 class ServiceEdge:
@@ -265,10 +285,7 @@ class ServiceEdge:
                 await _send_problem(
                     send_with_id, Problem(431, "The request headers are too large.")
                 )
-            elif repeated := _repeated_parameters(scope["query_string"]):
-                message = "given more than once"
-                errors = [FieldError(name, message) for name in repeated]
-                problem = Problem(400, "Give each query parameter once.", errors=errors)
+            elif problem := _query_problem(scope["query_string"]):
                 await _send_problem(send_with_id, problem)
             else:
                 await self.app(scope, receive, send_with_id)
@@ -386,11 +403,15 @@ def _on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Proble
 # --- request parsing helpers ----------------------------------------------------------------
 
 
+# A UUID as RFC 9562 writes it (either case): not the other spellings that uuid.UUID takes
+# (braces, `urn:uuid:`, no hyphens), which would make one task answer at several paths.
+_UUID_FORM = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+
 def _task_uuid(task_id: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(task_id)
-    except ValueError:
-        raise not_found() from None  # a malformed id names no task of yours
+    if not _UUID_FORM.fullmatch(task_id):
+        raise not_found()  # a malformed id names no task of yours
+    return uuid.UUID(task_id)
 
 
 # One member of an entity-tag list (RFC 9110 8.8.3, 5.6.1): `*`, `"tag"` or `W/"tag"`, or
@@ -431,7 +452,7 @@ def _if_match(request: Request[Any, Any, Any]) -> frozenset[str] | None:
     return None if tags is None else frozenset(tag for tag, weak in tags if not weak)
 
 
-async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
+def _idempotency(request: Request[Any, Any, Any], body: bytes) -> Idempotency | None:
     keys = request.headers.getall("idempotency-key", None)
     if not keys:
         return None
@@ -440,7 +461,6 @@ async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
     key = keys[0]
     if not _IDEMPOTENCY_KEY_FORM.fullmatch(key):
         raise Problem(400, "Idempotency-Key must be 1 to 255 printable ASCII characters.")
-    body = await request.body()
     return Idempotency(
         key=key,
         fingerprint=commands.fingerprint(request.method, request.url.path, body),
@@ -502,7 +522,10 @@ def _answer(answer: Answer) -> Response[Any]:
 async def _command(
     request: Request[str, Any, Any], task_id: uuid.UUID, command: Command | Problem
 ) -> Response[Any]:
-    idempotency = await _idempotency(request)
+    # Read on every command, those that take no body included: over 64 KiB answers 413
+    # whatever the command (Litestar checks the size as it reads).
+    body = await request.body()
+    idempotency = _idempotency(request, body)
     try:
         # On POST /tasks the task does not exist yet: If-Match is ignored (README).
         if_match = _if_match(request) if "task_id" in request.path_params else None
