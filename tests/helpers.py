@@ -228,21 +228,23 @@ def projection_rows(
 ) -> dict[Key, Task]:
     """The `tasks` table (of one user, or all of it) as tasks, keyed like the streams; each
     row's `body` (what queries send) is checked to be its columns' task, as the API's JSON,
-    unless a test damaged the rows on purpose."""
+    and its `title_casefolded` (what `q` searches) the title case-folded, unless a test
+    damaged the rows on purpose."""
     cur = conn.execute(
-        f"SELECT user_id, {TASK_COLUMNS}, body FROM tasks"
+        f"SELECT user_id, {TASK_COLUMNS}, body, title_casefolded FROM tasks"
         " WHERE %(user)s::text IS NULL OR user_id = %(user)s",
         {"user": user_id},
     )
     rows = {}
     for row in cur:
-        task, body = task_from_row(row[1:-1]), row[-1]
+        task, body, title_casefolded = task_from_row(row[1:-2]), row[-2], row[-1]
         rows[(row[0], row[1])] = task
         if not check_bodies:
             continue
         in_body = msgspec.json.decode(body, type=Task)
         assert in_body == task, f"body {body} != columns {task}"
         assert msgspec.json.encode(in_body).decode() == body, f"body {body} not the API's JSON"
+        assert title_casefolded == task.title.casefold(), f"{title_casefolded!r} for {task}"
     return rows
 
 

@@ -542,3 +542,44 @@ def test_openapi_document_lists_the_task_paths(client: Any) -> None:
     assert set(get_task["headers"]) == {"ETag"}
     stream = document["paths"]["/events/stream"]["get"]["responses"]["200"]
     assert set(stream["content"]) == {"text/event-stream"}
+
+
+def test_openapi_document_shows_the_task_and_the_headers_as_the_contract_does(
+    client: Any,
+) -> None:
+    """The task has exactly the contract's fields (no `deleted`); the commands take If-Match
+    and Idempotency-Key and answer with ETag (and Location on create), GET takes
+    If-None-Match."""
+    document = client.get("/schema/openapi.json").json()
+    task = document["components"]["schemas"]["Task"]
+    assert list(task["properties"]) == [
+        "id", "title", "description", "completed", "priority", "due_date", "tags",
+        "version", "created_at", "updated_at", "completed_at",
+    ]  # fmt: skip
+    paths = document["paths"]
+
+    def headers_in(operation: dict[str, Any]) -> set[str]:
+        return {p["name"] for p in operation.get("parameters", []) if p["in"] == "header"}
+
+    commands = {
+        ("/tasks", "post"): "201",
+        ("/tasks/{task_id}", "patch"): "200",
+        ("/tasks/{task_id}/complete", "post"): "200",
+        ("/tasks/{task_id}/reopen", "post"): "200",
+        ("/tasks/{task_id}/restore", "post"): "200",
+        ("/tasks/{task_id}", "delete"): "204",
+    }
+    for (path, method), status in commands.items():
+        operation = paths[path][method]
+        wanted = {"Idempotency-Key"} if path == "/tasks" else {"Idempotency-Key", "If-Match"}
+        assert headers_in(operation) == wanted, (path, method)
+        assert "413" in operation["responses"], (path, method)
+        answered = set(operation["responses"][status].get("headers", {}))
+        if status == "200":
+            assert answered == {"ETag", "Idempotent-Replayed"}, (path, method)
+            schema = operation["responses"][status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/Task"}, (path, method)
+    assert set(paths["/tasks"]["post"]["responses"]["201"]["headers"]) == {
+        "Location", "ETag", "Idempotent-Replayed",
+    }  # fmt: skip
+    assert headers_in(paths["/tasks/{task_id}"]["get"]) == {"If-None-Match", "X-Consistency-Token"}

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import secrets
 import uuid
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import psycopg
 import pytest
+from conftest import Api
+from litestar.testing import TestClient
+from psycopg.conninfo import make_conninfo
 from yoyo import get_backend, read_migrations
 
 from todo_cqrs import db, projection
+from todo_cqrs.config import Settings
+from todo_cqrs.http import create_app
 
 EVENT_KEYS = {"position", "task_id", "version", "type", "data", "occurred_at", "meta"}
 
@@ -139,6 +146,41 @@ def test_filter_q_is_a_case_insensitive_substring_of_the_title(api: Any) -> None
     assert titles(api, q="milk") == ["buy oat milk", "Buy MILK"]
     assert titles(api, q="Y mI") == ["Buy MILK"]
     assert titles(api, q="cheese") == []
+
+
+def _assert_q_folds_case_beyond_ascii(api: Any) -> None:
+    api.create(title="Ärger im Büro")
+    api.create(title="Straße")
+    api.create(title="ΣΊΣΥΦΟΣ")
+    api.create(title="plain")
+    assert titles(api, q="ärger") == ["Ärger im Büro"]
+    assert titles(api, q="BÜRO") == ["Ärger im Büro"]
+    assert titles(api, q="STRASSE") == ["Straße"]  # full case folding: ß is ss
+    assert titles(api, q="σίσυφος") == ["ΣΊΣΥΦΟΣ"]  # the final sigma too
+    assert titles(api, q="Ü") == ["Ärger im Büro"]
+
+
+def test_filter_q_folds_case_beyond_ascii(api: Any) -> None:
+    _assert_q_folds_case_beyond_ascii(api)
+
+
+def test_filter_q_folds_case_in_a_c_locale_database(server_url: str, settings: Settings) -> None:
+    """PostgreSQL's lower() follows the database's locale and, in a C-locale database (the
+    embedded server's where LANG is unset), changes only ASCII letters: `q` must not
+    depend on it."""
+    name = f"todo_cqrs_test_c_locale_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C'")
+    url = make_conninfo(server_url, dbname=name)
+    try:
+        db.migrate(url)
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT lower('Ä')").fetchone() == ("Ä",)  # as said above
+        c_locale = replace(settings, database_url=url, listen_database_url=url)
+        with TestClient(app=create_app(c_locale)) as client:  # type: ignore[arg-type]
+            _assert_q_folds_case_beyond_ascii(Api(client, f"user-{uuid.uuid4()}"))
+    finally:
+        db.drop_database(server_url, url)
 
 
 def test_filter_q_takes_percent_and_underscore_literally(api: Any) -> None:
@@ -448,7 +490,7 @@ def test_queries_send_the_json_that_the_command_answered_byte_for_byte(
     """Queries send the row's stored JSON (`body`). Whoever wrote the row (a command, the
     rebuild, migration 0003's fill), a query answers with the command's bytes."""
     created = api.create(
-        title='tab\there, "quoted", é ✓',
+        title='Tab\there, "quoted", é ✓ ÄSS',
         description="line\nbreak \\ back\\slash \u2028 \x01",
         tags=["a\tb", "ü"],
         due_date="2026-12-24",
@@ -480,13 +522,16 @@ def test_queries_send_the_json_that_the_command_answered_byte_for_byte(
     reads_back_as_answered()
     with monkeypatch.context() as tokyo:
         tokyo.setenv("PGTZ", "Asia/Tokyo")
-        # Migration 0003 taken back and applied again, through yoyo, over existing rows.
+        # Migrations 0003 and 0004 taken back and applied again, through yoyo, over
+        # existing rows (projection_rows checks 0004's case-folded titles).
         backend = get_backend(db.yoyo_url(database_url))
         migrations = read_migrations(str(db.migrations_dir()))
+        filled = ["0003.task-body", "0004.task-title-casefolded"]
         with backend.lock():
             backend.rollback_migrations(
-                backend.to_rollback(migrations.filter(lambda m: m.id == "0003.task-body"))
+                backend.to_rollback(migrations.filter(lambda m: m.id in filled))
             )
         backend.connection.close()
-        assert db.migrate(database_url) == ["0003.task-body"]
+        assert db.migrate(database_url) == filled
     reads_back_as_answered()
+    assert asyncio.run(projection.check(database_url)) == []  # the fills included

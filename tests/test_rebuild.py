@@ -82,7 +82,8 @@ def corrupt(conn: psycopg.Connection[Any], tasks: dict[str, list[uuid.UUID]]) ->
     phantom = uuid.uuid4()
     conn.execute(
         "INSERT INTO tasks SELECT user_id, %s, 'no events', description, completed, priority,"
-        " due_date, tags, 1, created_at, updated_at, completed_at, deleted, body FROM tasks"
+        " due_date, tags, 1, created_at, updated_at, completed_at, deleted, body, 'no events'"
+        " FROM tasks"
         " WHERE user_id = %s AND task_id = %s",
         (phantom, bob, b[1]),
     )

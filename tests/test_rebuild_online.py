@@ -66,7 +66,7 @@ def test_the_generated_projection_is_clean(rebuild_url: str) -> None:
 def test_check_finds_corrupted_rows_and_the_rebuild_repairs_them(rebuild_url: str) -> None:
     with psycopg.connect(rebuild_url, autocommit=True) as conn:
         victims = conn.execute(
-            "SELECT user_id, task_id FROM tasks ORDER BY user_id, task_id LIMIT 4"
+            "SELECT user_id, task_id FROM tasks ORDER BY user_id, task_id LIMIT 5"
         ).fetchall()
         conn.execute(
             "UPDATE tasks SET title = 'tampered' WHERE user_id = %s AND task_id = %s", victims[0]
@@ -82,22 +82,28 @@ def test_check_finds_corrupted_rows_and_the_rebuild_repairs_them(rebuild_url: st
             " WHERE user_id = %s AND task_id = %s",
             victims[3],
         )
+        conn.execute(  # what `q` searches, the rest intact
+            "UPDATE tasks SET title_casefolded = 'not the title'"
+            " WHERE user_id = %s AND task_id = %s",
+            victims[4],
+        )
         conn.execute(
             "INSERT INTO tasks SELECT 'ghost-user', gen_random_uuid(), title, description,"
             " completed, priority, due_date, tags, version, created_at, updated_at,"
-            " completed_at, deleted, body FROM tasks LIMIT 1"
+            " completed_at, deleted, body, title_casefolded FROM tasks LIMIT 1"
         )
     found = check(rebuild_url)
     assert found.returncode == 1, found.stdout + found.stderr
     drift_lines = [line for line in found.stdout.splitlines() if line.startswith("drift: ")]
-    assert len(drift_lines) == 5
+    assert len(drift_lines) == 6
     text = "\n".join(drift_lines)
     assert f"task {victims[0][1]}: title: 'tampered' in the row" in text
     assert f"task {victims[1][1]}: completed:" in text and "version:" in text
     assert f"task {victims[2][1]}: no projection row" in text
     assert f"task {victims[3][1]}: body: " in text and '"title": "in body"' in text
+    assert f"task {victims[4][1]}: title_casefolded: 'not the title' in the row" in text
     assert "user 'ghost-user'" in text and "a projection row without events" in text
-    assert "5 drifted task(s)" in found.stdout
+    assert "6 drifted task(s)" in found.stdout
 
     repaired = run_cli("rebuild", "--quiet", env=service_env(DATABASE_URL=rebuild_url), timeout=120)
     assert repaired.returncode == 0, repaired.stderr

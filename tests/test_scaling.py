@@ -128,7 +128,8 @@ ALL_USERS = {
     " with --user, condition is `WHERE user_id = %s`",
     "FROM events e LEFT JOIN {table} t ON t.user_id = e.user_id": "the rebuild's catch-up:"
     " events past its mark that the new table lacks (joined on user_id, so within a shard)",
-    "COPY (SELECT user_id, {TASK_COLUMNS}, body FROM tasks": "--check reads the whole projection",
+    "COPY (SELECT user_id, {TASK_COLUMNS}, body, title_casefolded FROM tasks": "--check reads"
+    " the whole projection",
     "DELETE FROM idempotency_keys WHERE created_at <": "the hourly prune of answers past 24 h",
     "SELECT count(*) FROM events": "the rebuild's progress bar total; the benchmark's size",
     "SELECT count(DISTINCT user_id), count(*) FROM tasks": "the benchmark's data set size",

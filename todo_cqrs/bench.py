@@ -234,7 +234,8 @@ end
 # the row, the event and pg_notify in one statement). The first statement is the harness's: it
 # picks a random seeded task and computes what the service computes in Python (the new
 # title, the task's JSON after the rename, as msgspec writes it, so that the row's body stays
-# what `rebuild --check` expects; the event's JSON); reading the row there too adds one
+# what `rebuild --check` expects; the title case-folded, which for this lower-case title is
+# the title itself; the event's JSON); reading the row there too adds one
 # primary-key read per transaction to the harness's side. (`#` stands for `:` in the time
 # format, where pgbench would take `:MI` for a variable.)
 _PGBENCH_COMMAND = """\\set n random(1, @TARGETS@)
@@ -248,7 +249,8 @@ SELECT b.user_id AS uid, b.task_id AS tid, r.version AS expected_version,
       || '"') AS task_json,
   jsonb_build_array(jsonb_build_object('version', r.version + 1, 'type', 'TaskRenamed',
     'data', jsonb_build_object('title', t.title), 'schema_version', 1)) AS events_json,
-  t.at AS occurred_at, 'todo_events' AS channel, gen_random_uuid()::text AS request_id
+  t.at AS occurred_at, 'todo_events' AS channel, gen_random_uuid()::text AS request_id,
+  t.title AS title_casefolded
   FROM bench_targets b JOIN tasks r ON r.user_id = b.user_id AND r.task_id = b.task_id,
     (SELECT 'pgbench ' || md5(random()::text) AS title, clock_timestamp() AS at) t
   WHERE b.n = :n \\gset
@@ -268,6 +270,7 @@ SELECT user_id AS uid FROM bench_targets WHERE n = :n \\gset
 _RECORD_VALUES = {
     "user_id": ":uid",
     "task": ":task_json",
+    "title_casefolded": ":title_casefolded",
     "expected_version": ":expected_version::int4",
     "task_id": ":tid::uuid",
     "occurred_at": ":occurred_at::timestamptz",

@@ -40,6 +40,7 @@ from todo_cqrs.domain import (
     DeleteTask,
     Recorded,
     RestoreTask,
+    Task,
     TaskNotDeleted,
     TaskNotFound,
     decide,
@@ -251,7 +252,7 @@ async def _attempt(
     new_state = fold(recorded, state)
     assert new_state is not None
     body = _encode(new_state)
-    if recorded and not await _record(conn, user_id, version, body, recorded, meta):
+    if recorded and not await _record(conn, user_id, version, new_state, body, recorded, meta):
         return None
     etag = f'"{new_state.version}"'
     if creating:
@@ -265,6 +266,7 @@ async def _record(
     conn: Conn,
     user_id: str,
     expected_version: int,
+    task: Task,
     task_json: bytes,
     recorded: list[Recorded],
     meta: eventstore.EventMeta,
@@ -274,8 +276,7 @@ async def _record(
         cur = await conn.execute(
             _RECORD,
             {
-                "user_id": user_id,
-                "task": task_json.decode(),
+                **projection.save_params(user_id, task, task_json),
                 "expected_version": expected_version,
                 "task_id": recorded[0].task_id,
                 "occurred_at": recorded[0].occurred_at,

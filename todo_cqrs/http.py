@@ -65,13 +65,12 @@ from todo_cqrs.domain import (
     InvalidCommand,
     ReopenTask,
     RestoreTask,
-    Task,
     parse_command,
     text_problem,
 )
 from todo_cqrs.eventstore import NewEventSignal
 from todo_cqrs.problems import PROBLEM_JSON, Problem, ProblemBody, not_found
-from todo_cqrs.queries import EventPage, FeedPage, TaskFilters, TaskPage
+from todo_cqrs.queries import EventPage, FeedPage, TaskFilters, TaskPage, TaskView
 
 log = logging.getLogger("todo_cqrs")
 
@@ -95,6 +94,37 @@ ConsistencyToken = Annotated[
         description="A command answer's X-Consistency-Token: the answer reflects that command.",
     ),
 ]
+
+
+# Request headers that the handlers declare for the OpenAPI document only: `_command` and
+# `get_task` read them from the request themselves (every line of a repeated header).
+IfMatch = Annotated[
+    str | None,
+    HeaderParameter(
+        name="If-Match",
+        description='Act only if the task is at one of these versions ("3", a list, or *);'
+        " else 412. Ignored on POST /tasks.",
+    ),
+]
+IfNoneMatch = Annotated[
+    str | None,
+    HeaderParameter(name="If-None-Match", description='304 if the task is at one of these ("3").'),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        description="1-255 printable ASCII characters. A retry with the same key, method, path"
+        " and JSON-equal body gets the first answer again (Idempotent-Replayed: true).",
+    ),
+]
+_ETAG = ResponseHeader(name="ETag", documentation_only=True, description='The version, as "3"')
+_REPLAYED = ResponseHeader(
+    name="Idempotent-Replayed",
+    documentation_only=True,
+    description="true when the answer is a replay for an Idempotency-Key",
+)
+_COMMAND_HEADERS = [_ETAG, _REPLAYED]
 
 
 # --- logging --------------------------------------------------------------------------------
@@ -571,10 +601,22 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
 # `data` documents the body in the OpenAPI schema; `_parse_body` has parsed it already.
 
 
-@post("/tasks", before_request=_parse_body, responses=_errors(400, 409, 413, 415, 422))
+@post(
+    "/tasks",
+    before_request=_parse_body,
+    responses=_errors(400, 409, 413, 415, 422),
+    response_headers=[
+        ResponseHeader(
+            name="Location", documentation_only=True, description="/tasks/{id} of the new task"
+        ),
+        *_COMMAND_HEADERS,
+    ],
+)
 async def create_task(
-    request: Request[str, Any, Any], data: JSONBody[CreateTask]
-) -> Response[Task]:
+    request: Request[str, Any, Any],
+    data: JSONBody[CreateTask],
+    idempotency_key: IdempotencyKey = None,
+) -> Response[TaskView]:
     """Create a task (`TaskCreated`)."""
     return await _command(request, uuid.uuid4(), request.state.command)
 
@@ -583,36 +625,80 @@ async def create_task(
     "/tasks/{task_id:str}",
     before_request=_parse_body,
     responses=_errors(400, 404, 409, 412, 413, 415, 422),
+    response_headers=_COMMAND_HEADERS,
 )
 async def edit_task(
-    request: Request[str, Any, Any], task_id: FromPath[str], data: JSONBody[EditTask]
-) -> Response[Task]:
+    request: Request[str, Any, Any],
+    task_id: FromPath[str],
+    data: JSONBody[EditTask],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[TaskView]:
     """Change any of title, description, priority, due_date, tags, completed."""
     return await _command(request, _task_uuid(task_id), request.state.command)
 
 
-@post("/tasks/{task_id:str}/complete", status_code=200, responses=_errors(400, 404, 409, 412, 422))
-async def complete_task(request: Request[str, Any, Any], task_id: FromPath[str]) -> Response[Task]:
+_BODILESS_COMMAND_ERRORS = _errors(400, 404, 409, 412, 413, 422)
+
+
+@post(
+    "/tasks/{task_id:str}/complete",
+    status_code=200,
+    responses=_BODILESS_COMMAND_ERRORS,
+    response_headers=_COMMAND_HEADERS,
+)
+async def complete_task(
+    request: Request[str, Any, Any],
+    task_id: FromPath[str],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[TaskView]:
     return await _command(request, _task_uuid(task_id), CompleteTask())
 
 
-@post("/tasks/{task_id:str}/reopen", status_code=200, responses=_errors(400, 404, 409, 412, 422))
-async def reopen_task(request: Request[str, Any, Any], task_id: FromPath[str]) -> Response[Task]:
+@post(
+    "/tasks/{task_id:str}/reopen",
+    status_code=200,
+    responses=_BODILESS_COMMAND_ERRORS,
+    response_headers=_COMMAND_HEADERS,
+)
+async def reopen_task(
+    request: Request[str, Any, Any],
+    task_id: FromPath[str],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[TaskView]:
     return await _command(request, _task_uuid(task_id), ReopenTask())
 
 
 @delete(
     "/tasks/{task_id:str}",
     status_code=204,
-    responses={**_errors(400, 404, 409, 412, 422), 204: ResponseSpec(None, description="Deleted")},
+    responses={**_BODILESS_COMMAND_ERRORS, 204: ResponseSpec(None, description="Deleted")},
+    response_headers=[_REPLAYED],
 )
-async def delete_task(request: Request[str, Any, Any], task_id: FromPath[str]) -> Response[None]:
+async def delete_task(
+    request: Request[str, Any, Any],
+    task_id: FromPath[str],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[None]:
     """Delete a task (`TaskDeleted`); its history stays and it can be restored."""
     return await _command(request, _task_uuid(task_id), DeleteTask())
 
 
-@post("/tasks/{task_id:str}/restore", status_code=200, responses=_errors(400, 404, 409, 412, 422))
-async def restore_task(request: Request[str, Any, Any], task_id: FromPath[str]) -> Response[Task]:
+@post(
+    "/tasks/{task_id:str}/restore",
+    status_code=200,
+    responses=_BODILESS_COMMAND_ERRORS,
+    response_headers=_COMMAND_HEADERS,
+)
+async def restore_task(
+    request: Request[str, Any, Any],
+    task_id: FromPath[str],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[TaskView]:
     """Bring a deleted task back as it was; `409` if it is not deleted."""
     return await _command(request, _task_uuid(task_id), RestoreTask())
 
@@ -641,11 +727,7 @@ async def list_tasks(
 @get(
     "/tasks/{task_id:str}",
     responses={**_errors(400, 404), 304: ResponseSpec(None, description="Not modified")},
-    response_headers=[
-        ResponseHeader(
-            name="ETag", documentation_only=True, description='The version shown, as "3"'
-        )
-    ],
+    response_headers=[_ETAG],
 )
 async def get_task(
     request: Request[str, Any, Any],
@@ -653,7 +735,8 @@ async def get_task(
     version: Annotated[int | None, QueryParameter(ge=1)] = None,
     as_of: FromQuery[datetime | None] = None,
     consistency_token: ConsistencyToken = None,
-) -> Response[Task]:
+    if_none_match: IfNoneMatch = None,
+) -> Response[TaskView]:
     """The task, with `ETag`; `304` when `If-None-Match` names its version.
 
     Time travel: `version=N` or `as_of=<RFC 3339>` folds its events up to that point.

@@ -52,25 +52,42 @@ async def load_task(conn: Conn, user_id: str, task_id: UUID, table: str = "tasks
 # A task row from the task's JSON (the API's shape, `deleted` only when true): one text
 # parameter that msgspec encodes, in place of thirteen typed ones that psycopg adapts one
 # by one in Python (a text[] through a regex). The JSON itself is kept as the row's `body`,
-# which queries send as it is. `{after}` names a CTE whose row must exist first (a
-# command's lock); `{only_if}` a condition on the row being replaced.
+# which queries send as it is, and the title case-folded beside it, for `q` (`save_params`).
+# `{after}` names a CTE whose row must exist first (a command's lock); `{only_if}` a
+# condition on the row being replaced.
 _SAVE = (
     "INSERT INTO {table} (user_id, "
     + TASK_COLUMNS
-    + ", body) SELECT %(user_id)s, "
+    + ", body, title_casefolded) SELECT %(user_id)s, "
     + ", ".join(
         "coalesce(t.deleted, false)" if name == "deleted" else f"t.{name}"
         for name in Task.__struct_fields__
     )
     # `::text` on both: PostgreSQL would otherwise type the parameter jsonb from its use in
     # FROM, and `body` would get jsonb's text (keys reordered, spaces added).
-    + ", %(task)s::text FROM {after}jsonb_to_record(%(task)s::text::jsonb) AS t("
+    + ", %(task)s::text, %(title_casefolded)s"
+    " FROM {after}jsonb_to_record(%(task)s::text::jsonb) AS t("
     + ", ".join(f"{n} {t}" for n, t in zip(Task.__struct_fields__, _COLUMN_TYPES, strict=True))
     + ")"
     " ON CONFLICT (user_id, task_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in [*_COLUMN_NAMES[1:], "body"])
+    + ", ".join(f"{c} = excluded.{c}" for c in [*_COLUMN_NAMES[1:], "body", "title_casefolded"])
     + "{only_if}"
 )
+
+
+def save_params(user_id: str, task: Task, task_json: bytes) -> dict[str, str]:
+    """The parameters of a row's save: the user, the task's JSON (`task_json`, as `_encode`
+    writes it) and its title case-folded.
+
+    `q` searches the case-folded title (Unicode's full case folding, `str.casefold`), which
+    Python makes: PostgreSQL's lower() follows the database's locale, and in a C-locale
+    database (the embedded server's, where LANG is unset) it changes only ASCII letters.
+    """
+    return {
+        "user_id": user_id,
+        "task": task_json.decode(),
+        "title_casefolded": task.title.casefold(),
+    }
 
 
 def save_decided_task_sql(after: str) -> str:
@@ -87,7 +104,7 @@ def save_decided_task_sql(after: str) -> str:
 
 async def save_task(conn: Conn, user_id: str, task: Task, table: str = "tasks") -> None:
     sql = _SAVE.format(table=table, after="", only_if="")
-    await conn.execute(sql, {"user_id": user_id, "task": _encode(task).decode()})
+    await conn.execute(sql, save_params(user_id, task, _encode(task)))
 
 
 # --- rebuilding the projection from the events ----------------------------------------------
@@ -136,7 +153,7 @@ _NULL = "\\N"
 
 
 def _copy_line(user_id: str, task: Task) -> str:
-    """The line of user_id, the task's columns and its body."""
+    """The line of user_id, the task's columns, its body and its case-folded title."""
     escapes = _COPY_ESCAPES
     tags = ",".join('"' + tag.replace("\\", "\\\\").replace('"', '\\"') + '"' for tag in task.tags)
     completed_at = task.completed_at
@@ -147,7 +164,8 @@ def _copy_line(user_id: str, task: Task) -> str:
         f"\t{{{tags.translate(escapes)}}}\t{task.version}\t{task.created_at.isoformat()}"
         f"\t{task.updated_at.isoformat()}"
         f"\t{completed_at.isoformat() if completed_at else _NULL}"
-        f"\t{'t' if task.deleted else 'f'}\t{_encode(task).decode().translate(escapes)}\n"
+        f"\t{'t' if task.deleted else 'f'}\t{_encode(task).decode().translate(escapes)}"
+        f"\t{task.title.casefold().translate(escapes)}\n"
     )
 
 
@@ -175,7 +193,7 @@ async def _copy_tasks(conn: Conn, table: str, tasks: AsyncIterator[tuple[str, Ta
     async with (
         conn.cursor() as cur,
         cur.copy(
-            f"COPY {table} (user_id, {TASK_COLUMNS}, body) FROM STDIN",
+            f"COPY {table} (user_id, {TASK_COLUMNS}, body, title_casefolded) FROM STDIN",
             writer=AsyncQueuedLibpqWriter(cur),
         ) as copy,
     ):
@@ -428,26 +446,36 @@ async def rebuild_user(
     return RebuildSummary(events=count.events, tasks=written)
 
 
-_ROW_TYPES = ["text", *_COLUMN_TYPES, "text"]  # user_id, the task's columns, body
+# user_id, the task's columns, body, title_casefolded
+_ROW_TYPES = ["text", *_COLUMN_TYPES, "text", "text"]
 
 
 class _Row(msgspec.Struct):
-    """A projection row as `check` reads it: the columns as a Task, and the body."""
+    """A projection row as `check` reads it: the columns as a Task, the body and the
+    case-folded title."""
 
     user_id: str
     task: Task
     body: str
+    title_casefolded: str
+
+    def matches(self, folded: Task) -> bool:
+        return (
+            self.task == folded
+            and self.body == _encode(folded).decode()
+            and self.title_casefolded == folded.title.casefold()
+        )
 
 
 async def _copy_rows(conn: Conn) -> AsyncIterator[_Row]:
     query = (
-        f"COPY (SELECT user_id, {TASK_COLUMNS}, body FROM tasks"
+        f"COPY (SELECT user_id, {TASK_COLUMNS}, body, title_casefolded FROM tasks"
         ' ORDER BY user_id COLLATE "C", task_id) TO STDOUT'
     )
     async with conn.cursor() as cur, cur.copy(query) as copy:
         copy.set_types(_ROW_TYPES)
         async for row in copy.rows():
-            yield _Row(row[0], task_from_row(row[1:-1]), row[-1])
+            yield _Row(row[0], task_from_row(row[1:-2]), row[-2], row[-1])
 
 
 def _differences(row: _Row | None, folded: Task | None) -> list[str]:
@@ -463,6 +491,10 @@ def _differences(row: _Row | None, folded: Task | None) -> list[str]:
     ]
     if row.body != (body := _encode(folded).decode()):
         differences.append(f"body: {row.body!r} in the row, {body!r} from the events")
+    if row.title_casefolded != (title := folded.title.casefold()):
+        differences.append(
+            f"title_casefolded: {row.title_casefolded!r} in the row, {title!r} from the events"
+        )
     return differences
 
 
@@ -500,7 +532,7 @@ async def check(conninfo: str, on_events: OnEvents = _ignore) -> list[Drift]:
                 row = await anext(rows, None)
             else:
                 assert task is not None and row is not None
-                if row.task != task[1] or row.body != _encode(task[1]).decode():
+                if not row.matches(task[1]):
                     drifts.append(Drift(row.user_id, row.task.id, _differences(row, task[1])))
                 task = await anext(folded, None)
                 row = await anext(rows, None)

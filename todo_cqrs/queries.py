@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import date, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 from uuid import UUID
 
 import msgspec
@@ -16,12 +16,23 @@ from todo_cqrs.domain import Task, fold
 from todo_cqrs.eventstore import StoredEvent
 from todo_cqrs.problems import Problem, not_found
 
+if TYPE_CHECKING:
+    TaskView: TypeAlias = Task
+else:
+    # A task as the API shows it, for the OpenAPI document: Task without `deleted`, which a
+    # task that is shown never has (Task's omit_defaults keeps it out of the JSON).
+    TaskView = msgspec.defstruct(
+        "Task",
+        [(f.name, f.type) for f in msgspec.structs.fields(Task) if f.name != "deleted"],
+        module=__name__,
+    )
+
 
 class TaskPage(msgspec.Struct):
     """A page of `GET /tasks`, as the OpenAPI schema shows it; `list_tasks` builds its JSON
     as `_StoredTaskPage`."""
 
-    items: list[Task]
+    items: list[TaskView]
     next_cursor: str | None
 
 
@@ -115,9 +126,10 @@ async def list_tasks(
         where.append("tags @> ARRAY[%(tag)s::text]")
         params["tag"] = filters.tag
     if filters.q is not None:
-        # strpos, not LIKE: % and _ in the search text are plain characters.
-        where.append("strpos(lower(title), lower(%(q)s)) > 0")
-        params["q"] = filters.q
+        # strpos, not LIKE: % and _ in the search text are plain characters. Both sides
+        # case-folded by Python, whatever the database's locale (projection.save_params).
+        where.append("strpos(title_casefolded, %(q)s) > 0")
+        params["q"] = filters.q.casefold()
     if filters.due_before is not None:
         where.append("due_date < %(due_before)s")
         params["due_before"] = filters.due_before
