@@ -282,6 +282,12 @@ def test_pages_respect_filters(api: Any) -> None:
         {"cursor": "!!!"},
         {"cursor": base64.urlsafe_b64encode(b'["x", "y"]').decode()},
         {"cursor": base64.urlsafe_b64encode(b"[1]").decode()},
+        # well formed, but never handed out: a time without its offset
+        {
+            "cursor": base64.urlsafe_b64encode(
+                b'["2026-01-01T00:00:00", "6f1c5a9e-0000-4000-8000-000000000000"]'
+            ).decode()
+        },
     ],
 )
 def test_list_refuses_bad_parameters_with_400(api: Any, params: dict[str, str]) -> None:
@@ -477,6 +483,8 @@ def test_history_works_after_deletion(api: Any) -> None:
         {"limit": "abc"},
         {"cursor": "garbage!"},
         {"cursor": base64.urlsafe_b64encode(b'"x"').decode()},
+        {"cursor": base64.urlsafe_b64encode(b"[-5]").decode()},  # never handed out
+        {"cursor": base64.urlsafe_b64encode(b"[0]").decode()},
     ],
 )
 def test_history_refuses_bad_parameters_with_400(api: Any, params: dict[str, str]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, TypeAlias
 from uuid import UUID
 
 import msgspec
@@ -74,6 +74,13 @@ def _encode_cursor(value: Any) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode(value)).rstrip(b"=").decode()
 
 
+# What the cursors hold: a task list's last (created_at, id), always with its UTC offset; a
+# history's last version, 1 or more. A well-formed cursor of another shape was not handed
+# out here, and is refused like a malformed one.
+_ListCursor = tuple[Annotated[datetime, msgspec.Meta(tz=True)], UUID]
+_HistoryCursor = tuple[Annotated[int, msgspec.Meta(ge=1)]]
+
+
 def _decode_cursor(cursor: str, type_: Any) -> Any:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
@@ -134,7 +141,7 @@ async def list_tasks(
         where.append("due_date < %(due_before)s")
         params["due_before"] = filters.due_before
     if cursor is not None:
-        created_at, last_id = _decode_cursor(cursor, tuple[datetime, UUID])
+        created_at, last_id = _decode_cursor(cursor, _ListCursor)
         where.append("(created_at, task_id) < (%(created_at)s, %(last_id)s)")
         params["created_at"], params["last_id"] = created_at, last_id
     async with source.connection() as conn:
@@ -154,7 +161,7 @@ async def task_history(
     source: Connections, user_id: str, task_id: UUID, limit: int, cursor: str | None
 ) -> EventPage:
     """The task's events oldest first; deleted tasks keep their history."""
-    after = 0 if cursor is None else _decode_cursor(cursor, tuple[int])[0]
+    after = 0 if cursor is None else _decode_cursor(cursor, _HistoryCursor)[0]
     async with source.connection() as conn:
         items = await eventstore.task_history(conn, user_id, task_id, after, limit + 1)
         if not items and not await eventstore.task_exists(conn, user_id, task_id):
