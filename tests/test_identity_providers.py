@@ -493,10 +493,20 @@ def test_audience_list_containing_ours_is_accepted(
         ({"exp": -60}, 401),
         ({"exp": -20}, 200),
         ({"nbf": -10}, 200),
+        ({"iat": 60}, 401),  # issued in the future (README: token claims)
+        ({"iat": 20}, 200),
     ],
-    ids=["nbf-beyond-leeway", "nbf-within-leeway", "exp-beyond-leeway", "exp-within-leeway", "nbf"],
+    ids=[
+        "nbf-beyond-leeway",
+        "nbf-within-leeway",
+        "exp-beyond-leeway",
+        "exp-within-leeway",
+        "nbf",
+        "iat-beyond-leeway",
+        "iat-within-leeway",
+    ],
 )
-def test_nbf_and_exp_with_30_s_leeway(
+def test_nbf_exp_and_iat_with_30_s_leeway(
     app_for: Any, provider: JwksServer, ed_key: Key, shift: dict[str, int], status: int
 ) -> None:
     client = app_for(jwt_jwks_url=provider.url)
