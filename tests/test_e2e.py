@@ -544,13 +544,61 @@ def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
     assert result.stderr == "todo-cqrs check: --check compares every user; drop --user\n"
 
 
-def test_a_bad_setting_is_named_without_a_traceback(tmp_path: Path) -> None:
-    env = service_env(TODO_SHUTDOWN_TIMEOUT="2.5", TODO_DATA_DIR=str(tmp_path / "data"))
-    result = run_cli("token", "alice", env=env)
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("TODO_SHUTDOWN_TIMEOUT", "2.5", "TODO_SHUTDOWN_TIMEOUT: expected whole seconds, 1 or more;"
+         " got '2.5'"),
+        # -1 used to send heartbeats in a tight loop, each one a query
+        ("TODO_SSE_HEARTBEAT", "-1", "TODO_SSE_HEARTBEAT: expected seconds, more than 0 and at"
+         " most 15; got '-1'"),
+        ("TODO_SSE_HEARTBEAT", "60", "TODO_SSE_HEARTBEAT: expected seconds, more than 0 and at"
+         " most 15; got '60'"),  # the contract's heartbeat comes at least every 15 s
+        ("TODO_LOG_LEVEL", "LOUD", "TODO_LOG_LEVEL: expected one of DEBUG, INFO, WARNING, ERROR,"
+         " CRITICAL; got 'LOUD'"),
+        ("TODO_POOL_MIN", "20", "TODO_POOL_MIN (20) is above TODO_POOL_MAX (10)"),
+        ("TODO_POOL_MAX", "abc", "TODO_POOL_MAX: expected a whole number, 1 or more; got 'abc'"),
+        ("TODO_POOL_TIMEOUT", "nan", "TODO_POOL_TIMEOUT: expected seconds, more than 0;"
+         " got 'nan'"),
+        ("TODO_PREPARED_STATEMENTS", "maybe", "TODO_PREPARED_STATEMENTS: expected on or off;"
+         " got 'maybe'"),
+        # RFC 7518 3.2; the message never repeats the secret
+        ("TODO_JWT_SECRET", "too-short", "TODO_JWT_SECRET: expected at least 32 bytes; got 9"),
+    ],
+    ids=lambda value: value if value.startswith("TODO_") else None,
+)  # fmt: skip
+def test_a_bad_setting_is_named_without_a_traceback(
+    tmp_path: Path, setting: str, value: str, message: str
+) -> None:
+    env = service_env(**{setting: value}, TODO_DATA_DIR=str(tmp_path / "data"))
+    for command in (["token", "alice"], ["serve"]):
+        result = run_cli(*command, env=env)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == f"todo-cqrs: bad configuration: {message}\n"
+
+
+def test_serve_refuses_an_unreadable_public_key_and_bad_arguments(tmp_path: Path) -> None:
+    env = service_env(
+        TODO_JWT_PUBLIC_KEY=str(tmp_path / "missing.pem"), TODO_DATA_DIR=str(tmp_path / "data")
+    )
+    result = run_cli("serve", env=env)
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == (
-        "todo-cqrs: bad configuration: TODO_SHUTDOWN_TIMEOUT: expected whole seconds,"
-        " 1 or more; got '2.5'\n"
+    assert result.stderr.startswith("todo-cqrs: bad configuration: TODO_JWT_PUBLIC_KEY: ")
+    assert "missing.pem" in result.stderr and result.stderr.count("\n") == 1
+    env = service_env(TODO_DATA_DIR=str(tmp_path / "data"))
+    for args, error in [
+        (["serve", "--port", "99999"], "expected a TCP port, 1 to 65535; got '99999'"),
+        (["serve", "--workers", "0"], "expected a whole number, 1 or more; got '0'"),
+        (["generate", "--users", "0"], "expected a whole number, 1 or more; got '0'"),
+    ]:
+        result = run_cli(*args, env=env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.rstrip().endswith(error), result.stderr
+    result = run_cli("generate", "--tasks", "10", "--events", "9", env=env)
+    assert (result.returncode, result.stderr) == (
+        2,
+        "todo-cqrs generate: --events must be at least --tasks (each task starts with"
+        " TaskCreated)\n",
     )
 
 

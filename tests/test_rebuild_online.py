@@ -145,14 +145,18 @@ def test_a_second_rebuild_refuses_while_one_runs(rebuild_url: str) -> None:
     assert run_cli("rebuild", "--quiet", env=service_env(DATABASE_URL=rebuild_url)).returncode == 0
 
 
-def test_a_rebuild_killed_half_way_leaves_the_projection_intact(rebuild_url: str) -> None:
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_a_rebuild_killed_half_way_leaves_the_projection_intact(
+    rebuild_url: str, how: signal.Signals
+) -> None:
     before = projection_digest(rebuild_url)
     process = subprocess.Popen(
         [*CLI, "rebuild", "--quiet"],
         env=service_env(DATABASE_URL=rebuild_url),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         # Kill it once the new table has rows: it is building, not yet swapping.
@@ -166,12 +170,17 @@ def test_a_rebuild_killed_half_way_leaves_the_projection_intact(rebuild_url: str
                     break
                 time.sleep(0.02)
         assert process.poll() is None, "the rebuild finished before it could be killed"
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+        process.send_signal(how)
+        _, stderr = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
+    if how == signal.SIGINT:  # one line, no traceback
+        assert (process.returncode, stderr) == (
+            130,
+            "todo-cqrs rebuild: interrupted; the projection is as it was\n",
+        )
     assert projection_digest(rebuild_url) == before
     again = run_cli("rebuild", "--quiet", env=service_env(DATABASE_URL=rebuild_url), timeout=120)
     assert again.returncode == 0, again.stderr

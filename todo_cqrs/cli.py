@@ -1,4 +1,4 @@
-"""The `todo-cqrs` command: serve, migrate, token, rebuild."""
+"""The `todo-cqrs` command: serve, migrate, token, rebuild, generate."""
 
 from __future__ import annotations
 
@@ -13,18 +13,20 @@ import time
 
 import psycopg
 
-from todo_cqrs import db, projection
+from todo_cqrs import auth, db, projection
 from todo_cqrs.config import Settings
 
 
-def database_url(settings: Settings) -> str:
-    """DATABASE_URL, else the embedded PostgreSQL in the data folder (started if needed)."""
+def database_url(settings: Settings, quiet: bool = False) -> str:
+    """DATABASE_URL, else the embedded PostgreSQL in the data folder (started if needed),
+    which it says on stderr unless `quiet` (cron mails whatever a job prints)."""
     if settings.database_url:
         return settings.database_url
-    print(
-        f"todo-cqrs: no DATABASE_URL; using the embedded PostgreSQL in {settings.data_dir}",
-        file=sys.stderr,
-    )
+    if not quiet:
+        print(
+            f"todo-cqrs: no DATABASE_URL; using the embedded PostgreSQL in {settings.data_dir}",
+            file=sys.stderr,
+        )
     return db.start_embedded(settings.data_dir)
 
 
@@ -34,6 +36,11 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     from todo_cqrs.http import configure_logging
 
     configure_logging(settings.log_level)
+    try:
+        auth.Verifier.from_settings(settings)  # as each worker will: a bad key stops us here
+    except (OSError, ValueError) as error:
+        print(f"todo-cqrs: bad configuration: TODO_JWT_PUBLIC_KEY: {error}", file=sys.stderr)
+        return 2
     url = database_url(settings)
     db.migrate(url)  # once, here, before any worker starts
     os.environ["DATABASE_URL"] = url  # the workers read it (embedded case included)
@@ -70,8 +77,6 @@ def migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def token(args: argparse.Namespace, settings: Settings) -> int:
-    from todo_cqrs.auth import mint_token
-
     if not 1 <= len(args.user) <= 255:
         print("USER must be 1 to 255 characters", file=sys.stderr)
         return 2
@@ -86,7 +91,7 @@ def token(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    print(mint_token(secret, args.user, args.ttl))
+    print(auth.mint_token(secret, args.user, args.ttl))
     return 0
 
 
@@ -160,7 +165,7 @@ def rebuild(args: argparse.Namespace, settings: Settings) -> int:
     if args.check and args.user is not None:
         print(f"todo-cqrs {label}: --check compares every user; drop --user", file=sys.stderr)
         return 2
-    url = database_url(settings)
+    url = database_url(settings, args.quiet)
     try:
         asyncio.run(_require_migrated(url))
     except NotMigrated as error:
@@ -203,7 +208,11 @@ def rebuild(args: argparse.Namespace, settings: Settings) -> int:
 def generate(args: argparse.Namespace, settings: Settings) -> int:
     from todo_cqrs import dataset
 
-    url = database_url(settings)
+    if args.events < args.tasks:
+        message = "--events must be at least --tasks (each task starts with TaskCreated)"
+        print(f"todo-cqrs generate: {message}", file=sys.stderr)
+        return 2
+    url = database_url(settings, args.quiet)
     progress = Progress("generate", args.events, args.quiet)
     last = 0
 
@@ -226,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("serve", help="run the HTTP service")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--workers", type=_positive, default=1, help="processes (default 1)")
     p.set_defaults(run=serve)
 
     p = commands.add_parser("migrate", help="apply pending database migrations")
@@ -255,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser(
         "generate", help="append a synthetic benchmark data set (events only) to the database"
     )
-    p.add_argument("--users", type=int, default=10_000)
-    p.add_argument("--tasks", type=int, default=1_000_000)
-    p.add_argument("--events", type=int, default=5_000_000)
+    p.add_argument("--users", type=_positive, default=10_000, help="(default 10,000)")
+    p.add_argument("--tasks", type=_positive, default=1_000_000, help="(default 1,000,000)")
+    p.add_argument("--events", type=_positive, default=5_000_000, help="(default 5,000,000)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=generate)
 
@@ -267,8 +276,39 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # a setting that does not parse: say which, no traceback
         print(f"todo-cqrs: bad configuration: {error}", file=sys.stderr)
         return 2
-    result: int = args.run(args, settings)
+    try:
+        result: int = args.run(args, settings)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not asyncio's traceback
+        print(f"todo-cqrs {args.command}: interrupted{_INTERRUPTED.get(args.command, '')}",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return result
+
+
+# What an interrupted command leaves behind.
+_INTERRUPTED = {
+    # Its new table is swapped in whole or not at all (--user: one transaction).
+    "rebuild": "; the projection is as it was",
+    # Each batch of tasks is one statement, committed as it goes.
+    "generate": "; the tasks appended so far stay, each with all its events",
+}
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more; got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, 1 to 65535; got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 
 @dataclass(frozen=True)
@@ -39,28 +42,58 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        """The settings from the environment; a value out of its range raises ValueError
+        naming the variable (`todo-cqrs` says it in one line, with exit status 2)."""
         env = os.environ
+        pool_min = _setting("TODO_POOL_MIN", "2", int, "a whole number, 0 or more", _at_least(0))
+        pool_max = _setting("TODO_POOL_MAX", "10", int, "a whole number, 1 or more", _at_least(1))
+        if pool_min > pool_max:
+            raise ValueError(f"TODO_POOL_MIN ({pool_min}) is above TODO_POOL_MAX ({pool_max})")
+        jwt_secret = env.get("TODO_JWT_SECRET") or None
+        if jwt_secret is not None and len(jwt_secret.encode()) < MIN_SECRET_BYTES:
+            # RFC 7518 3.2: an HS256 key is at least as long as the hash (256 bits). The value
+            # itself is never repeated in the message.
+            raise ValueError(
+                f"TODO_JWT_SECRET: expected at least {MIN_SECRET_BYTES} bytes;"
+                f" got {len(jwt_secret.encode())}"
+            )
         return cls(
             database_url=env.get("DATABASE_URL") or None,
             data_dir=Path(env.get("TODO_DATA_DIR", ".todo-cqrs")).absolute(),
-            jwt_secret=env.get("TODO_JWT_SECRET") or None,
+            jwt_secret=jwt_secret,
             jwt_issuer=env.get("TODO_JWT_ISSUER") or None,
             jwt_audience=env.get("TODO_JWT_AUDIENCE") or None,
-            pool_min=int(env.get("TODO_POOL_MIN", "2")),
-            pool_max=int(env.get("TODO_POOL_MAX", "10")),
-            pool_timeout=float(env.get("TODO_POOL_TIMEOUT", "3")),
-            log_level=env.get("TODO_LOG_LEVEL", "INFO").upper(),
-            heartbeat=float(env.get("TODO_SSE_HEARTBEAT", "10")),
-            shutdown_timeout=_shutdown_timeout(env.get("TODO_SHUTDOWN_TIMEOUT", "10")),
+            pool_min=pool_min,
+            pool_max=pool_max,
+            pool_timeout=_seconds("TODO_POOL_TIMEOUT", "3"),
+            log_level=_setting(
+                "TODO_LOG_LEVEL", "INFO", str.upper, "one of " + ", ".join(LOG_LEVELS), _a_level
+            ),
+            # The contract asks for a heartbeat at least every 15 s.
+            heartbeat=_setting(
+                "TODO_SSE_HEARTBEAT",
+                "10",
+                float,
+                "seconds, more than 0 and at most 15",
+                lambda seconds: 0 < seconds <= 15,
+            ),
+            # Whole seconds, 1 or more: uvicorn takes an int, and 0 would cut every request.
+            shutdown_timeout=_setting(
+                "TODO_SHUTDOWN_TIMEOUT", "10", int, "whole seconds, 1 or more", _at_least(1)
+            ),
             jwt_public_key=env.get("TODO_JWT_PUBLIC_KEY") or None,
             jwt_jwks_url=env.get("TODO_JWT_JWKS_URL") or None,
             jwt_jwks_file=env.get("TODO_JWT_JWKS_FILE") or None,
-            jwt_jwks_min_refresh=float(env.get("TODO_JWT_JWKS_MIN_REFRESH", "30")),
-            jwt_jwks_max_age=float(env.get("TODO_JWT_JWKS_MAX_AGE", "300")),
+            jwt_jwks_min_refresh=_seconds("TODO_JWT_JWKS_MIN_REFRESH", "30"),
+            jwt_jwks_max_age=_seconds("TODO_JWT_JWKS_MAX_AGE", "300"),
             query_database_url=env.get("QUERY_DATABASE_URL") or None,
-            replica_wait=float(env.get("TODO_REPLICA_WAIT", "2")),
+            replica_wait=_setting(
+                "TODO_REPLICA_WAIT", "2", float, "seconds, 0 or more", _finite_at_least(0)
+            ),
             listen_database_url=env.get("LISTEN_DATABASE_URL") or None,
-            prepared_statements=_switch(env.get("TODO_PREPARED_STATEMENTS", "on")),
+            prepared_statements=_setting(
+                "TODO_PREPARED_STATEMENTS", "on", _switch, "on or off", _anything
+            ),
         )
 
     def public_keys_configured(self) -> bool:
@@ -102,21 +135,51 @@ class Settings:
         return path.read_text().strip()
 
 
-def _shutdown_timeout(value: str) -> int:
-    """TODO_SHUTDOWN_TIMEOUT: whole seconds, 1 or more (uvicorn takes an int, and 0 would
-    cut every request)."""
+MIN_SECRET_BYTES = 32
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+T = TypeVar("T")
+
+
+def _setting(
+    name: str, default: str, parse: Callable[[str], T], expected: str, valid: Callable[[T], bool]
+) -> T:
+    """The variable `name` (else `default`) parsed; ValueError naming it when it does not
+    parse or is out of range."""
+    given = os.environ.get(name, default)
     try:
-        seconds = int(value)
-    except ValueError:
-        seconds = 0
-    if seconds < 1:
-        raise ValueError(f"TODO_SHUTDOWN_TIMEOUT: expected whole seconds, 1 or more; got {value!r}")
-    return seconds
+        value = parse(given.strip())
+    except (ValueError, KeyError):
+        pass
+    else:
+        if valid(value):
+            return value
+    raise ValueError(f"{name}: expected {expected}; got {given!r}")
+
+
+def _seconds(name: str, default: str) -> float:
+    return _setting(name, default, float, "seconds, more than 0", _finite_above(0))
+
+
+def _at_least(least: int) -> Callable[[int], bool]:
+    return lambda value: value >= least
+
+
+def _finite_at_least(least: float) -> Callable[[float], bool]:
+    return lambda value: math.isfinite(value) and value >= least
+
+
+def _finite_above(least: float) -> Callable[[float], bool]:
+    return lambda value: math.isfinite(value) and value > least
+
+
+def _anything(_: object) -> bool:
+    return True
+
+
+def _a_level(name: str) -> bool:
+    return name in LOG_LEVELS
 
 
 def _switch(value: str) -> bool:
-    words = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
-    try:
-        return words[value.strip().lower()]
-    except KeyError:
-        raise ValueError(f"expected on or off, got {value!r}") from None
+    return _SWITCH[value.lower()]
