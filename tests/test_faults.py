@@ -92,3 +92,28 @@ def test_database_restart_answers_503_then_recovers_by_itself(
             )
         }
     assert stored == set(acknowledged)
+
+
+def test_after_a_restart_idle_connections_fail_one_request_not_one_each(
+    own_postgres: Any, tmp_path: Path
+) -> None:
+    """A restart while the service is idle breaks every pooled connection. The first request
+    to meet a broken one answers 503 and has the others checked, so the rest do not each fail
+    a request of their own (one worker, ten connections: it used to be ten 503s)."""
+    url = str(own_postgres.get_uri())
+    db.migrate(url)
+    env = service_env(
+        DATABASE_URL=url, TODO_JWT_SECRET=JWT_SECRET, TODO_POOL_MIN="10", TODO_POOL_MAX="10"
+    )
+    with (
+        ServeProcess(env, tmp_path, tmp_path / "serve.log") as serve,
+        http_client(serve.url, mint_token(JWT_SECRET, "restart-user")) as client,
+    ):
+        assert client.get("/tasks").status_code == 200
+        time.sleep(1)  # the pool has opened its ten connections
+        own_postgres.stop()
+        own_postgres.start()
+        statuses = [client.get("/tasks").status_code for _ in range(20)]
+        assert set(statuses) <= {200, 503}
+        assert statuses.count(503) <= 1, statuses
+        assert statuses[-10:] == [200] * 10

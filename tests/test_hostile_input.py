@@ -3,6 +3,10 @@ behind, and SQL fragments are stored verbatim and never executed."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -10,10 +14,14 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import uvicorn
 from conftest import JWT_SECRET, Api, assert_problem
 from helpers import ServeProcess, service_env
 
+from todo_cqrs import db
 from todo_cqrs.auth import mint_token
+from todo_cqrs.config import Settings
+from todo_cqrs.http import BoundedHeadProtocol, create_app
 
 HUGE_INT = str(10**400)
 STRING_FIELDS = ("title", "description", "priority", "due_date")
@@ -196,7 +204,71 @@ def test_a_one_megabyte_header_through_a_real_server(database_url: str, tmp_path
         assert server.running
         assert http.get("/health").status_code == 200
         assert http.get("/tasks", headers=auth).json()["items"] == []
+        # serve reads heads with BoundedHeadProtocol: over its limit, the protocol refused
+        # them before the app saw them (and said so in the log).
+        assert _sends_head_of(server.port, 4 * BoundedHeadProtocol.head_limit).startswith(
+            b"HTTP/1.1 431 "
+        )
     assert event_count(database_url, user) == 0
+    assert "request head refused" in (tmp_path / "serve.log").read_text()
+
+
+def _sends_head_of(port: int, size: int, pause: float = 0.0) -> bytes:
+    """Sends a request head with a header line of `size` bytes (or, with `pause`, only its
+    start, then waits): what the server answered, read until it closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Big: ")
+        if pause:
+            time.sleep(pause)
+        else:
+            chunk = b"a" * 65_536
+            with contextlib.suppress(ConnectionError):  # the server may close while we send
+                for _ in range(size // len(chunk)):
+                    sock.sendall(chunk)
+                sock.sendall(b"\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            while data := sock.recv(65_536):
+                answer += data
+    return answer
+
+
+class _QuickHeads(BoundedHeadProtocol):
+    head_timeout = 0.5
+
+
+def test_a_request_head_too_large_or_too_slow_is_refused_and_the_server_lives_on(
+    settings: Settings,
+) -> None:
+    """httptools keeps a header line however long it grows, and waits for a head however
+    slowly it comes; the protocol that `serve` runs bounds both (here its time limit is cut
+    to half a second)."""
+    port = db.free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, http=_QuickHeads, log_config=None
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        started = time.monotonic()
+        too_large = _sends_head_of(port, 64 * 1_048_576)  # 64 MB, if it read them all
+        assert too_large.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+        assert b"application/problem+json" in too_large and b'"status":431' in too_large
+        assert time.monotonic() - started < 5  # refused early, not after 64 MB
+        too_slow = _sends_head_of(port, 0, pause=1.5)
+        assert too_slow.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), too_slow
+        # Within both limits (a long header, sent at once), the app answers as usual.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
+            assert http.get("/health", headers={"X-Big": "a" * 60_000}).status_code == 200
+            assert http.get("/health").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 # --- SQL fragments ---------------------------------------------------------------------------

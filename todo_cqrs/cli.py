@@ -33,7 +33,7 @@ def database_url(settings: Settings, quiet: bool = False) -> str:
 def serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from todo_cqrs.http import configure_logging
+    from todo_cqrs.http import BoundedHeadProtocol, configure_logging
 
     configure_logging(settings.log_level)
     try:
@@ -62,6 +62,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             access_log=False,  # the app logs each request as JSON, with its request id
             log_config=None,
             server_header=False,
+            http=BoundedHeadProtocol,  # httptools, with a size and a time limit on each head
             timeout_graceful_shutdown=settings.shutdown_timeout,
         )
     finally:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import date, datetime
+from http import HTTPStatus
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -51,6 +52,7 @@ from prometheus_client import (
     multiprocess,
 )
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from todo_cqrs import __version__, auth, commands, db, queries
 from todo_cqrs.commands import Answer, Idempotency
@@ -246,6 +248,74 @@ async def _send_problem(send: Send, problem: Problem) -> None:
     await send(end)
 
 
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with limits on a request's head (its request line and
+    headers), which `serve` runs instead of the plain one.
+
+    httptools collects a header line however long it grows: a review's single 200 MB header
+    took a worker to 455 MB and kept it from answering anyone for a minute, before the app's
+    own 64 KiB check could see the request. And it waits for a head however slowly it comes
+    (thousands of connections held open by a byte every 10 s). Past `head_limit` bytes, or
+    `head_timeout` seconds after its first byte, a head still unfinished gets `431` or `408`
+    and the connection is closed. Heads within the limit reach the app, which answers `431`
+    to headers over MAX_HEADERS with a problem of its own.
+    """
+
+    head_limit = 2 * MAX_HEADERS  # room for a long URL beside 64 KiB of headers
+    head_timeout = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes: int | None = 0  # None while no head is being read
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes is not None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
+            self._head_bytes += len(data)
+            if self._head_bytes > self.head_limit:
+                self._refuse(Problem(431, "The request headers are too large."))
+                return
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._head_done()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_bytes = 0  # what comes next on this connection is the next request's head
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_done()
+        super().connection_lost(exc)
+
+    def _head_done(self) -> None:
+        self._head_bytes = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        self._refuse(Problem(408, "The request head did not arrive in time."))
+
+    def _refuse(self, problem: Problem) -> None:
+        self._head_done()
+        if self.transport.is_closing():
+            return
+        log.warning("request head refused: %s", problem.detail)
+        body = problem.encode()
+        head = (
+            f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}\r\n"
+            f"content-type: {PROBLEM_JSON}\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
 # Parameters that Litestar would convert leniently (`limit=1e2` as 100, `version=1.0` as 1,
 # `completed=1` as true): only the forms that the contract names get through. No endpoint
 # takes these names in another sense.
@@ -405,11 +475,33 @@ def _on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Respons
     )
 
 
-def _on_database_down(_: Request[Any, Any, Any], exc: Exception) -> Response[ProblemBody]:
+def _on_database_down(request: Request[Any, Any, Any], exc: Exception) -> Response[ProblemBody]:
     log.warning("database unavailable: %s", exc)
+    if isinstance(exc, psycopg.OperationalError):
+        _check_idle_connections(request.app.state.pool)
     return problem_response(
         Problem(503, "The database is not reachable; retry shortly.", headers={"Retry-After": "1"})
     )
+
+
+_pool_checks: set[asyncio.Task[None]] = set()
+
+
+def _check_idle_connections(pool: AsyncConnectionPool) -> None:
+    """One broken connection means that the idle ones probably broke too (the database
+    restarted): test them all now, in the background, so that each of them does not fail a
+    request of its own once the database is back (a review saw pool-size 503s per worker)."""
+    if not _pool_checks:  # one check at a time
+        check = asyncio.get_running_loop().create_task(_check(pool))
+        _pool_checks.add(check)
+        check.add_done_callback(_pool_checks.discard)
+
+
+async def _check(pool: AsyncConnectionPool) -> None:
+    try:
+        await pool.check()  # drops the broken ones; the pool opens new ones as it needs them
+    except (psycopg.Error, PoolTimeout) as error:
+        log.warning("could not check the pool's idle connections: %s", error)
 
 
 def _on_not_migrated(_: Request[Any, Any, Any], exc: Exception) -> Response[ProblemBody]:
