@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import jwt
+import psutil
 import psycopg
 import pytest
 from helpers import (
@@ -321,6 +323,37 @@ def test_repeated_header_lines_form_one_list(served: ServeProcess) -> None:
             assert "idempotent-replayed" not in created.headers
 
 
+def test_metrics_forget_a_worker_killed_with_sigkill(served: ServeProcess, tmp_path: Path) -> None:
+    """A worker killed without a goodbye leaves its live gauges behind; the worker that
+    uvicorn starts in its place drops them, so the pool gauge counts live workers only."""
+    [folder] = tmp_path.glob("todo-cqrs-metrics-*")
+    main = psutil.Process(served.process.pid)
+
+    def workers() -> set[int]:
+        found = set()
+        for child in main.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a killed one is a zombie until reaped
+                if any("spawn_main" in part for part in child.cmdline()):
+                    found.add(child.pid)
+        return found
+
+    deadline = time.monotonic() + 30
+    while len(live := {int(p.stem.rsplit("_", 1)[1]) for p in folder.glob("gauge_live*")}) < 2:
+        assert time.monotonic() < deadline, "the workers wrote no gauges"
+        time.sleep(0.2)
+    [first, second] = sorted(workers())
+    assert live == {first, second}
+    os.kill(first, signal.SIGKILL)
+    while len(now := workers()) < 2 or first in now:  # uvicorn starts another
+        assert time.monotonic() < deadline + 30, "no worker replaced the killed one"
+        time.sleep(0.2)
+    [replacement] = now - {second}
+    while first in (live := {int(p.stem.rsplit("_", 1)[1]) for p in folder.glob("gauge_live*")}):
+        assert time.monotonic() < deadline + 60, "the killed worker's gauges stayed"
+        time.sleep(0.2)  # until the replacement has started
+    assert live <= {second, replacement}
+
+
 def test_sigterm_closes_open_event_streams(database_url: str, tmp_path: Path) -> None:
     """An open /events/stream never ends by itself: a graceful stop would wait for it
     forever. After TODO_SHUTDOWN_TIMEOUT the stream is cut, and serve exits 0."""
@@ -346,6 +379,9 @@ def test_sigterm_closes_open_event_streams(database_url: str, tmp_path: Path) ->
         with contextlib.suppress(httpx.HTTPError):  # cut off mid-stream, or ended cleanly
             for _ in lines:
                 pass
+    log = (tmp_path / "serve.log").read_text()
+    assert '"message":"request cut at shutdown"' in log  # the documented cut, said once
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
 
 
 # --- b. the embedded default: nothing configured ---------------------------------------------
@@ -575,6 +611,20 @@ def test_a_bad_setting_is_named_without_a_traceback(
         result = run_cli(*command, env=env)
         assert (result.returncode, result.stdout) == (2, "")
         assert result.stderr == f"todo-cqrs: bad configuration: {message}\n"
+
+
+def test_commands_say_in_one_line_that_the_database_is_not_reachable(tmp_path: Path) -> None:
+    env = service_env(
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{db.free_port()}/nothing",
+        TODO_DATA_DIR=str(tmp_path / "data"),
+    )
+    for command in ("serve", "migrate", "rebuild"):
+        result = run_cli(command, env=env)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith(f"todo-cqrs {command}: the database is not reachable: "), (
+            result.stderr
+        )
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 def test_serve_refuses_an_unreadable_public_key_and_bad_arguments(tmp_path: Path) -> None:
