@@ -4,6 +4,7 @@ bodies, request ids and the operations endpoints (API.md, "Auth", "The task", "E
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -17,7 +18,7 @@ from conftest import JWT_SECRET, assert_problem
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from todo_cqrs import db
+from todo_cqrs import auth, db
 from todo_cqrs.config import Settings
 from todo_cqrs.http import create_app
 
@@ -583,3 +584,20 @@ def test_openapi_document_shows_the_task_and_the_headers_as_the_contract_does(
         "Location", "ETag", "Idempotent-Replayed",
     }  # fmt: skip
     assert headers_in(paths["/tasks/{task_id}"]["get"]) == {"If-None-Match", "X-Consistency-Token"}
+
+
+def test_a_verified_token_is_not_reused_past_its_exp_and_leeway() -> None:
+    """Verified tokens are kept up to a minute, but never past exp + leeway."""
+    verifier = auth.Verifier(secret=JWT_SECRET)
+    now = int(time.time())
+    # Expired 27 s ago: inside the 30 s leeway for about 3 s more.
+    token = jwt.encode({"sub": "u", "iat": now - 60, "exp": now - 27}, JWT_SECRET, "HS256")
+    assert asyncio.run(verifier.verify(token))["sub"] == "u"
+    time.sleep(4.5)
+    with pytest.raises(auth.InvalidToken):
+        asyncio.run(verifier.verify(token))
+
+
+def test_the_default_heartbeat_keeps_the_contracts_15_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TODO_SSE_HEARTBEAT", raising=False)
+    assert Settings.from_env().heartbeat == 10.0  # the README's default

@@ -3,6 +3,8 @@ commands, If-Match and Idempotency-Key (API.md, "Commands")."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -11,6 +13,9 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import assert_problem
+from psycopg_pool import AsyncConnectionPool
+
+from todo_cqrs import commands, projection
 
 TASK_KEYS = {
     "id",
@@ -618,10 +623,80 @@ def test_same_key_with_a_different_path_or_method_answers_422(api: Any) -> None:
     assert types(api, task["id"]) == ["TaskCreated", "TaskCompleted"]
 
 
+def test_same_key_path_and_body_with_another_method_answers_422(api: Any) -> None:
+    """The method alone makes a different request (the cases above change the path too)."""
+    task = api.create()
+    key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+    assert_problem(api.request("PATCH", f"/tasks/{task['id']}", headers=key), 415)  # stored
+    assert_problem(api.delete(f"/tasks/{task['id']}", headers=key), 422)
+    assert types(api, task["id"]) == ["TaskCreated"]
+
+
+def test_a_key_whose_first_request_has_not_committed_answers_409(
+    api: Any, database_url: str
+) -> None:
+    """At once, not after the first request finishes (it holds the (user, key) lock)."""
+    key = f"k-{uuid.uuid4()}"
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (api.user, key))
+        timer = threading.Timer(3.0, conn.rollback)  # a service that waited would not hang
+        timer.start()
+        try:
+            started = time.monotonic()
+            answer = api.post("/tasks", json={"title": "x"}, headers={"Idempotency-Key": key})
+            assert time.monotonic() - started < 2.5
+            assert_problem(answer, 409)
+        finally:
+            timer.cancel()
+    assert list_ids(api) == []
+
+
+def test_answers_are_kept_24_hours_then_pruned(database_url: str) -> None:
+    user = f"prune-{uuid.uuid4()}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for key, age in (("kept", "23 hours 59 minutes"), ("pruned", "24 hours 1 minute")):
+            conn.execute(
+                "INSERT INTO idempotency_keys (user_id, key, fingerprint, status, body,"
+                " created_at) VALUES (%s, %s, 'f', 201, '{}', now() - %s::interval)",
+                (user, key, age),
+            )
+
+    async def prune() -> None:
+        async with AsyncConnectionPool(database_url, min_size=1, max_size=1, open=False) as pool:
+            await commands.prune_idempotency_keys(pool)
+
+    asyncio.run(prune())
+    with psycopg.connect(database_url) as conn:
+        kept = conn.execute("SELECT key FROM idempotency_keys WHERE user_id = %s", (user,))
+        assert [row[0] for row in kept] == ["kept"]
+
+
+def test_a_server_error_is_never_kept_under_a_key_nor_shown(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 5xx is not a final answer: the retry runs the command. The 500's body says
+    nothing of the error itself."""
+    task = api.create()
+    key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+
+    async def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("boom: secret internals")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(projection, "load_task", broken)
+        failed = api.patch(f"/tasks/{task['id']}", json={"title": "new"}, headers=key)
+    assert_problem(failed, 500)
+    assert "secret internals" not in failed.text and "Traceback" not in failed.text
+    retry = api.patch(f"/tasks/{task['id']}", json={"title": "new"}, headers=key)
+    assert retry.status_code == 200, retry.text
+    assert "idempotent-replayed" not in retry.headers
+    assert retry.json()["title"] == "new"
+
+
 @pytest.mark.parametrize(
     "key",
-    [b"", b"k" * 256, "cl\u00e9".encode(), "\u043a\u043b\u044e\u0447".encode()],
-    ids=["empty", "256-chars", "latin-1", "cyrillic"],
+    [b"", b"k" * 256, "cl\u00e9".encode(), "\u043a\u043b\u044e\u0447".encode(), b"k\x7f"],
+    ids=["empty", "256-chars", "latin-1", "cyrillic", "DEL"],
 )
 def test_bad_idempotency_key_answers_400(api: Any, key: bytes) -> None:
     assert_problem(api.post("/tasks", json={"title": "x"}, headers={"Idempotency-Key": key}), 400)

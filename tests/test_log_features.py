@@ -32,7 +32,7 @@ import pytest
 from conftest import JWT_SECRET, Api, assert_problem
 from litestar.testing import TestClient
 
-from todo_cqrs import db
+from todo_cqrs import db, eventstore
 from todo_cqrs.auth import mint_token
 
 EVENT_KEYS = {"position", "task_id", "version", "type", "data", "occurred_at", "meta"}
@@ -450,6 +450,28 @@ def _run_threads(targets: list[Callable[[], None]], timeout: float) -> None:
     assert not any(t.is_alive() for t in threads), "threads still running after the time limit"
     if errors:
         raise errors[0]
+
+
+def test_a_command_waits_for_the_users_append_lock(api: Api, database_url: str) -> None:
+    """Why the feed never skips: a transaction that has drawn an event position holds the
+    user's lock until it ends, and a command of the same user waits for it, so positions
+    become visible in order. (The poller test below shows the effect, but only by chance.)"""
+    with psycopg.connect(database_url) as held:
+        held.execute(eventstore.LOCK_USER, {"user_id": api.user})
+        held.execute("SELECT nextval(pg_get_serial_sequence('events', 'position'))")  # drawn
+        answers: list[int] = []
+        command = threading.Thread(
+            target=lambda: answers.append(api.post("/tasks", json={"title": "x"}).status_code)
+        )
+        command.start()
+        command.join(1.0)
+        assert command.is_alive(), "the command did not wait for the user's lock"
+        other = Api(api.client, f"user-{uuid.uuid4()}")
+        assert other.post("/tasks", json={"title": "y"}).status_code == 201  # not blocked
+        held.rollback()
+    command.join(10)
+    assert answers == [201]
+    assert [e["data"]["title"] for e in _feed(api)["items"]] == ["x"]
 
 
 def test_feed_poller_never_misses_an_event(server: str, database_url: str) -> None:

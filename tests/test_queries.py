@@ -343,6 +343,23 @@ def test_get_task_with_etag_and_if_none_match(api: Any) -> None:
     assert changed.json()["title"] == "changed"
 
 
+def test_if_none_match_star_answers_304(api: Any) -> None:
+    task = api.create()
+    answer = api.get(f"/tasks/{task['id']}", headers={"If-None-Match": "*"})
+    assert answer.status_code == 304
+    assert answer.headers["etag"] == '"1"'
+
+
+def test_a_last_page_that_is_exactly_full_has_no_cursor(api: Any) -> None:
+    for i in range(4):
+        api.create(title=f"t{i}")
+    first = page(api, limit=2)
+    assert first["next_cursor"] is not None
+    second = page(api, limit=2, cursor=first["next_cursor"])
+    assert [len(first["items"]), len(second["items"])] == [2, 2]
+    assert second["next_cursor"] is None  # no empty third page to fetch
+
+
 @pytest.mark.parametrize("path", ["/tasks/not-a-uuid", "/tasks/123", f"/tasks/{uuid.uuid4()}"])
 def test_get_unknown_or_malformed_id_answers_404(api: Any, path: str) -> None:
     assert_problem(api.get(path), 404)
