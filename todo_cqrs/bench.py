@@ -994,6 +994,7 @@ def bench_instructions(server_url: str, requests: int, folder: Path) -> str:
         process = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
              sys.executable, "-m", "uvicorn", "todo_cqrs.http:create_app", "--factory",
+             "--http", "todo_cqrs.http:BoundedHeadProtocol",  # as `serve` runs it
              "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
              "--log-level", "warning"],
             env=env, stdout=log, stderr=subprocess.STDOUT,
