@@ -78,11 +78,11 @@ from todo_cqrs.queries import EventPage, FeedPage, TaskFilters, TaskPage, TaskVi
 log = logging.getLogger("todo_cqrs")
 
 MAX_BODY = 64 * 1024
+MAX_HEADERS = 64 * 1024  # in all; BoundedHeadProtocol bounds what httptools collects
 # Events per read of a stream that catches up. A stream holds its page until a slow client
 # has taken it: 100 events of the largest kind (10,000-character descriptions) are about
 # 2 MB; a review saw 30 slow streams of 500 take a worker from 93 MB to 248 MB.
 STREAM_PAGE = 100
-MAX_HEADERS = 64 * 1024  # uvicorn's httptools parser has no limit of its own
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _encode = msgspec.json.Encoder().encode
 _REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._-]{1,128}")
@@ -218,11 +218,13 @@ def _forget_dead_workers(folder: str) -> None:
     uvicorn starts a new worker, which runs this): prometheus_client would otherwise add
     their last values in forever (a review saw 39 pool connections for 2 workers of 10)."""
     for path in Path(folder).glob("gauge_live*_*.db"):
-        pid = int(path.stem.rsplit("_", 1)[1])
+        pid = path.stem.rsplit("_", 1)[1]
+        if not pid.isdigit():
+            continue
         try:
-            os.kill(pid, 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
-            multiprocess.mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]
+            multiprocess.mark_process_dead(int(pid), folder)  # type: ignore[no-untyped-call]
         except PermissionError:
             pass  # alive, under another user
 
