@@ -281,12 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         result: int = args.run(args, settings)
     except psycopg.OperationalError as error:  # a supervisor retries; the reason in one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(f"todo-cqrs {args.command}: the database is not reachable: {reason}",
-              file=sys.stderr)  # fmt: skip
+        print(f"todo-cqrs {args.command}: the database is not reachable: {reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not asyncio's traceback
-        print(f"todo-cqrs {args.command}: interrupted{_INTERRUPTED.get(args.command, '')}",
-              file=sys.stderr)  # fmt: skip
+        left = _INTERRUPTED.get(args.command, "")
+        print(f"todo-cqrs {args.command}: interrupted{left}", file=sys.stderr)
         return 130
     return result
 
