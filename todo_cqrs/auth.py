@@ -125,7 +125,10 @@ def keys_from_pem(text: str) -> list[VerificationKey]:
 
 def load_public_keys(value: str) -> list[VerificationKey]:
     """TODO_JWT_PUBLIC_KEY: PEM text, or the path of a PEM file."""
-    text = value if "-----BEGIN" in value else Path(value).expanduser().read_text()
+    try:
+        text = value if "-----BEGIN" in value else Path(value).expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"TODO_JWT_PUBLIC_KEY: cannot read {value}: {error}") from None
     return keys_from_pem(text)
 
 

@@ -39,7 +39,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         auth.Verifier.from_settings(settings)  # as each worker will: a bad key stops us here
     except (OSError, ValueError) as error:
-        print(f"todo-cqrs: bad configuration: TODO_JWT_PUBLIC_KEY: {error}", file=sys.stderr)
+        print(f"todo-cqrs: bad configuration: {error}", file=sys.stderr)
         return 2
     url = database_url(settings)
     db.migrate(url)  # once, here, before any worker starts
@@ -279,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result: int = args.run(args, settings)
-    except psycopg.OperationalError as error:  # a supervisor retries; the reason in one line
+    except psycopg.OperationalError as error:  # the reason in one line, for the supervisor
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(f"todo-cqrs {args.command}: the database is not reachable: {reason}", file=sys.stderr)
+        what = "is not reachable" if db.connection_lost(error) else "failed"
+        print(f"todo-cqrs {args.command}: the database {what}: {reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not asyncio's traceback
         left = _INTERRUPTED.get(args.command, "")

@@ -67,15 +67,16 @@ class Settings:
             pool_max=pool_max,
             pool_timeout=_seconds("TODO_POOL_TIMEOUT", "3"),
             log_level=_setting(
-                "TODO_LOG_LEVEL", "INFO", str.upper, "one of " + ", ".join(LOG_LEVELS), _a_level
+                "TODO_LOG_LEVEL", "INFO", _log_level, "one of " + ", ".join(LOG_LEVELS), _a_level
             ),
-            # The contract asks for a heartbeat at least every 15 s.
+            # The contract asks for a heartbeat at least every 15 s; each one is a query per
+            # stream, so not more often than twice a second.
             heartbeat=_setting(
                 "TODO_SSE_HEARTBEAT",
                 "10",
                 float,
-                "seconds, more than 0 and at most 15",
-                lambda seconds: 0 < seconds <= 15,
+                "seconds, from 0.5 to 15",
+                lambda seconds: 0.5 <= seconds <= 15,
             ),
             # Whole seconds, 1 or more: uvicorn takes an int, and 0 would cut every request.
             shutdown_timeout=_setting(
@@ -179,6 +180,12 @@ def _anything(_: object) -> bool:
 
 def _a_level(name: str) -> bool:
     return name in LOG_LEVELS
+
+
+def _log_level(name: str) -> str:
+    """The level's name; Python's logging also takes WARN and FATAL for two of them."""
+    name = name.upper()
+    return {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(name, name)
 
 
 def _switch(value: str) -> bool:

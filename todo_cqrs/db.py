@@ -161,6 +161,17 @@ async def pending_migrations(conn: psycopg.AsyncConnection[Any]) -> list[str]:
     return [m for m in _migration_ids() if m not in applied]
 
 
+def connection_lost(error: BaseException) -> bool:
+    """Whether a database error means the connection is gone: no SQLSTATE (the socket
+    failed), class 08 (connection exception), or 57P01-57P03 (the server shut down or is
+    starting); not a statement that failed on a live connection (a deadlock, a timeout,
+    57014 query_canceled), nor a pool that had no connection free."""
+    if not isinstance(error, psycopg.OperationalError) or isinstance(error, PoolTimeout):
+        return False
+    state = error.sqlstate or "08"
+    return state.startswith("08") or state in {"57P01", "57P02", "57P03"}
+
+
 def create_pool(
     url: str, *, min_size: int, max_size: int, timeout: float, prepared_statements: bool = True
 ) -> AsyncConnectionPool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import functools
 import logging
@@ -225,7 +226,9 @@ def _forget_dead_workers(folder: str) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            multiprocess.mark_process_dead(int(pid), folder)  # type: ignore[no-untyped-call]
+            # Two new workers may clean up at once: the other one's removal is no error.
+            with contextlib.suppress(FileNotFoundError):
+                multiprocess.mark_process_dead(int(pid), folder)  # type: ignore[no-untyped-call]
         except PermissionError:
             pass  # alive, under another user
 
@@ -259,7 +262,11 @@ async def _housekeeping(pool: AsyncConnectionPool) -> None:
 async def _send_problem(send: Send, problem: Problem) -> None:
     """A problem answer sent straight over ASGI, for requests refused before Litestar."""
     body = problem.encode()
-    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", b"%d" % len(body))]
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", b"%d" % len(body)),
+        *((name.lower().encode(), value.encode()) for name, value in problem.headers.items()),
+    ]
     start: HTTPResponseStartEvent = {
         "type": "http.response.start",
         "status": problem.status,
@@ -289,13 +296,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes: int | None = 0  # None while no head is being read
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._tail = b""  # the last bytes of the head so far: its end may span two reads
+        # From the connection's start: one that never sends a byte is closed too.
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.head_timeout, self._head_too_slow
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._head_bytes is not None:
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
-            self._head_bytes += len(data)
+            # Only the head counts, not the body or a next request that came with it in
+            # this read (uvloop reads up to 256 KiB at once).
+            window = self._tail + data
+            end = window.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else max(end + 4 - len(self._tail), 0)
+            self._tail = window[-3:]
             if self._head_bytes > self.head_limit:
                 self._refuse(Problem(431, "The request headers are too large."))
                 return
@@ -307,7 +323,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._head_bytes = 0  # what comes next on this connection is the next request's head
+        self._head_bytes, self._tail = 0, b""  # what follows is the next request's head
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
@@ -321,20 +337,25 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
-        self._refuse(Problem(408, "The request head did not arrive in time."))
+        if self._head_bytes == 0:  # not a byte of a request: nothing to answer
+            self._head_done()
+            self.transport.close()
+        else:
+            self._refuse(Problem(408, "The request head did not arrive in time."))
 
     def _refuse(self, problem: Problem) -> None:
         self._head_done()
         if self.transport.is_closing():
             return
         log.warning("request head refused: %s", problem.detail)
-        body = problem.encode()
-        head = (
-            f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}\r\n"
-            f"content-type: {PROBLEM_JSON}\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n"
-        )
-        self.transport.write(head.encode() + body)
+        if self.cycle is None or self.cycle.response_complete:  # no answer being sent
+            body = problem.encode()
+            head = (
+                f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}\r\n"
+                f"content-type: {PROBLEM_JSON}\r\ncontent-length: {len(body)}\r\n"
+                "connection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode() + body)
         self.transport.close()
 
 
@@ -401,10 +422,12 @@ class ServiceEdge:
         status = 500
         started = time.perf_counter()
 
+        started_response = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
@@ -424,8 +447,11 @@ class ServiceEdge:
             # Only uvicorn cancels a request from outside (the app's own cancellations stay
             # inside its task groups): at shutdown, past TODO_SHUTDOWN_TIMEOUT, to cut what
             # still runs, mostly event streams. That is the documented end of such a request,
-            # not an error: say so in one line rather than let uvicorn log a traceback.
+            # not an error: end its answer (a stream) or give one (503), and say so in one
+            # line, rather than leave uvicorn to log an error and send a bare 500.
             log.info("request cut at shutdown")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_cut(send_with_id, started_response), 1.0)
         finally:
             elapsed = time.perf_counter() - started
             _count(method, scope.get("path_template") or "unrouted", status, elapsed)
@@ -441,6 +467,16 @@ class ServiceEdge:
                 },
             )
             REQUEST_ID.reset(token)
+
+
+async def _cut(send: Send, started: bool) -> None:
+    if started:
+        end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": b"", "more_body": False}
+        await send(end)
+    else:
+        await _send_problem(
+            send, Problem(503, "The service is stopping; retry.", headers={"Retry-After": "1"})
+        )
 
 
 # --- auth -----------------------------------------------------------------------------------
@@ -514,7 +550,7 @@ def _on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Respons
 
 def _on_database_down(request: Request[Any, Any, Any], exc: Exception) -> Response[ProblemBody]:
     log.warning("database unavailable: %s", exc)
-    if isinstance(exc, psycopg.OperationalError):
+    if db.connection_lost(exc):
         _check_idle_connections(request.app.state.pool)
     return problem_response(
         Problem(503, "The database is not reachable; retry shortly.", headers={"Retry-After": "1"})
