@@ -237,6 +237,13 @@ def text_problem(value: str) -> str | None:
     return None
 
 
+def caseless(text: str) -> str:
+    """Text as the `q` filter compares it, on the title and on `q` alike: Unicode's full
+    case folding (`STRASSE` finds "Straße"), made here rather than by PostgreSQL's lower(),
+    which follows the database's locale (in a C locale it changes only ASCII letters)."""
+    return text.casefold()
+
+
 def _field_problem(name: str, value: Any) -> str | None:
     """The contract's rule for one well-typed field, or None when the value keeps it."""
     if name == "title":

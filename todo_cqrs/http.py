@@ -285,9 +285,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     took a worker to 455 MB and kept it from answering anyone for a minute, before the app's
     own 64 KiB check could see the request. And it waits for a head however slowly it comes
     (thousands of connections held open by a byte every 10 s). Past `head_limit` bytes, or
-    `head_timeout` seconds after its first byte, a head still unfinished gets `431` or `408`
-    and the connection is closed. Heads within the limit reach the app, which answers `431`
-    to headers over MAX_HEADERS with a problem of its own.
+    `head_timeout` seconds after the connection opened (or, for a later request on it, after
+    that request's first byte), a head still unfinished gets `431` or `408` and the
+    connection is closed. Heads within the limit reach the app, which answers `431` to
+    headers over MAX_HEADERS with a problem of its own.
     """
 
     head_limit = 2 * MAX_HEADERS  # room for a long URL beside 64 KiB of headers

@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 from psycopg.copy import AsyncQueuedLibpqWriter
 
-from todo_cqrs.domain import Recorded, Task, evolve
+from todo_cqrs.domain import Recorded, Task, caseless, evolve
 from todo_cqrs.eventstore import copy_task_streams, decode_event, lock_user
 
 Conn = psycopg.AsyncConnection[Any]
@@ -77,16 +77,11 @@ _SAVE = (
 
 def save_params(user_id: str, task: Task, task_json: bytes) -> dict[str, str]:
     """The parameters of a row's save: the user, the task's JSON (`task_json`, as `_encode`
-    writes it) and its title case-folded.
-
-    `q` searches the case-folded title (Unicode's full case folding, `str.casefold`), which
-    Python makes: PostgreSQL's lower() follows the database's locale, and in a C-locale
-    database (the embedded server's, where LANG is unset) it changes only ASCII letters.
-    """
+    writes it) and its title as `q` compares it (`domain.caseless`)."""
     return {
         "user_id": user_id,
         "task": task_json.decode(),
-        "title_casefolded": task.title.casefold(),
+        "title_casefolded": caseless(task.title),
     }
 
 
@@ -165,7 +160,7 @@ def _copy_line(user_id: str, task: Task) -> str:
         f"\t{task.updated_at.isoformat()}"
         f"\t{completed_at.isoformat() if completed_at else _NULL}"
         f"\t{'t' if task.deleted else 'f'}\t{_encode(task).decode().translate(escapes)}"
-        f"\t{task.title.casefold().translate(escapes)}\n"
+        f"\t{caseless(task.title).translate(escapes)}\n"
     )
 
 
@@ -463,7 +458,7 @@ class _Row(msgspec.Struct):
         return (
             self.task == folded
             and self.body == _encode(folded).decode()
-            and self.title_casefolded == folded.title.casefold()
+            and self.title_casefolded == caseless(folded.title)
         )
 
 
@@ -491,7 +486,7 @@ def _differences(row: _Row | None, folded: Task | None) -> list[str]:
     ]
     if row.body != (body := _encode(folded).decode()):
         differences.append(f"body: {row.body!r} in the row, {body!r} from the events")
-    if row.title_casefolded != (title := folded.title.casefold()):
+    if row.title_casefolded != (title := caseless(folded.title)):
         differences.append(
             f"title_casefolded: {row.title_casefolded!r} in the row, {title!r} from the events"
         )

@@ -12,7 +12,7 @@ import msgspec
 
 from todo_cqrs import eventstore
 from todo_cqrs.db import Connections
-from todo_cqrs.domain import Task, fold
+from todo_cqrs.domain import Task, caseless, fold
 from todo_cqrs.eventstore import StoredEvent
 from todo_cqrs.problems import Problem, not_found
 
@@ -133,10 +133,10 @@ async def list_tasks(
         where.append("tags @> ARRAY[%(tag)s::text]")
         params["tag"] = filters.tag
     if filters.q is not None:
-        # strpos, not LIKE: % and _ in the search text are plain characters. Both sides
-        # case-folded by Python, whatever the database's locale (projection.save_params).
+        # strpos, not LIKE: % and _ in the search text are plain characters. The row keeps
+        # its title as `caseless` makes it (projection.save_params).
         where.append("strpos(title_casefolded, %(q)s) > 0")
-        params["q"] = filters.q.casefold()
+        params["q"] = caseless(filters.q)
     if filters.due_before is not None:
         where.append("due_date < %(due_before)s")
         params["due_before"] = filters.due_before
