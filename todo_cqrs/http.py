@@ -10,6 +10,7 @@ import collections
 import contextlib
 import contextvars
 import functools
+import gc
 import logging
 import os
 import re
@@ -1097,6 +1098,12 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if _multiprocess:
             _forget_dead_workers(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        # What exists by now (modules, the app, its routes and schema) lives as long as the
+        # process. Frozen, it is out of the collector's sight: a full collection then scans
+        # only what requests left behind. Unfrozen, each of a worker's few full collections
+        # under load stopped every request in it for 60-85 ms (BENCHMARKS.md, 2026-12-05).
+        gc.collect()
+        gc.freeze()
         for each in pools:  # a database that is down at start means 503s, not a crash
             await each.open(wait=False)
         helpers = [
