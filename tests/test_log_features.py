@@ -367,6 +367,61 @@ def test_feed_limit_default_and_bounds(api: Api) -> None:
         _assert_problem(api.get("/events/stream", params=params), 400)
 
 
+# A description of 10,000 control characters, which JSON writes as six bytes each: its event's
+# data is 60,019 bytes ({"description": "...\u0001..."}); the TaskCreated of `big` is 87.
+# eventstore.PAGE_BYTES (1 MiB) is passed after 17 such events: the bytes before event
+# version 19 are 87 + 17 * 60,019 = 1,020,410, before version 20 1,080,429.
+_BIG_EVENT = 60_019
+
+
+def _task_with_big_events(post: Callable[..., Any], patch: Callable[..., Any], count: int) -> str:
+    response = post("/tasks", json={"title": "big"})
+    assert response.status_code == 201, response.text
+    task_id: str = response.json()["id"]
+    for i in range(count):
+        description = chr(1 + i % 2) * 10_000  # each differs from the last: one event each
+        response = patch(f"/tasks/{task_id}", json={"description": description})
+        assert response.status_code == 200, response.text
+    return task_id
+
+
+def test_pages_of_big_events_stop_after_a_mebibyte(api: Api, database_url: str) -> None:
+    task_id = _task_with_big_events(api.post, api.patch, 20)  # versions 1 to 21
+    with psycopg.connect(database_url) as conn:
+        sizes = conn.execute(
+            "SELECT octet_length(data::text) FROM events WHERE task_id = %s ORDER BY version",
+            (task_id,),
+        ).fetchall()
+    assert [size for (size,) in sizes] == [87] + [_BIG_EVENT] * 20
+    assert eventstore.PAGE_BYTES == 1 << 20
+
+    # History: the page stops at version 19, though the limit allows 200; its cursor goes on.
+    first = api.get(f"/tasks/{task_id}/history", params={"limit": 200}).json()
+    assert [e["version"] for e in first["items"]] == list(range(1, 20))
+    assert first["items"][5]["data"] == {"description": chr(1 + 4 % 2) * 10_000}
+    rest = api.get(
+        f"/tasks/{task_id}/history", params={"limit": 200, "cursor": first["next_cursor"]}
+    ).json()
+    assert [e["version"] for e in rest["items"]] == [20, 21]
+    assert rest["next_cursor"] is None
+    # A limit that ends the page first still says whether more follow.
+    assert api.get(f"/tasks/{task_id}/history", params={"limit": 19}).json() == first
+    third = api.get(
+        f"/tasks/{task_id}/history", params={"limit": 1, "cursor": first["next_cursor"]}
+    )
+    assert [e["version"] for e in third.json()["items"]] == [20]
+    assert third.json()["next_cursor"] is not None
+
+    # The feed: the same cut, and polling after next_position goes on from it.
+    feed = _feed(api, limit=1000)
+    assert [e["version"] for e in feed["items"]] == list(range(1, 20))
+    assert feed["next_position"] == feed["items"][-1]["position"]
+    following = _feed(api, after=feed["next_position"], limit=1000)
+    assert [e["version"] for e in following["items"]] == [20, 21]
+    assert feed["items"] + following["items"] == first["items"] + rest["items"]
+    assert _feed(api, after=following["next_position"])["items"] == []
+
+
 # --- a real server -----------------------------------------------------------------------------
 
 
@@ -772,6 +827,19 @@ def test_stream_shows_only_the_users_own_events(server: str) -> None:
         assert [e["data"]["title"] for e in alice_seen] == ["alice"]
         assert bob_seen == _feed_of(as_bob)
         assert [e["data"]["title"] for e in bob_seen] == ["bob 0", "bob 1", "bob 2"]
+
+
+def test_stream_goes_on_past_a_page_cut_by_its_bytes(server: str) -> None:
+    user = _new_user()
+    with _client(server, user) as http:
+        _task_with_big_events(http.post, http.patch, 20)  # 21 events; pages cut at 19
+        feed = _feed_of(http)
+        feed += http.get("/events", params={"after": feed[-1]["position"]}).json()["items"]
+        assert len(feed) == 21
+        # All of them before the first heartbeat: the stream reads on at once after a page
+        # cut short, rather than wait for the next wake-up.
+        with _stream(http, headers={"Last-Event-ID": "0"}) as response:
+            assert _events_of(SSE(response, 10).events_until_heartbeat()) == feed
 
 
 # --- 4. evolving events ------------------------------------------------------------------------

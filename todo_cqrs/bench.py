@@ -309,9 +309,9 @@ def explained_queries() -> dict[str, str]:
     return {
         "list (GET /tasks?limit=50)": _LIST_SQL.replace("%(limit)s", "51"),
         "get (GET /tasks/{id})": queries.GET_TASK,
-        "history (GET /tasks/{id}/history)": f"SELECT {eventstore._STORED_COLUMNS} FROM events"
-        " WHERE user_id = %(user_id)s AND task_id = %(task_id)s"
-        " AND version > 0 ORDER BY version LIMIT 101",
+        "history (GET /tasks/{id}/history)": eventstore.TASK_HISTORY.replace("%(after)s", "0")
+        .replace("%(limit)s", "100")
+        .replace("%(page_bytes)s", str(eventstore.PAGE_BYTES)),
         "the command's row read (PATCH /tasks/{id})": _LOAD_TASK_SQL,
     }
 

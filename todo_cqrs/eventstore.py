@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import msgspec
@@ -116,10 +116,36 @@ def new_events_json(events: list[Recorded]) -> str:
     ).decode()
 
 
-_STORED_COLUMNS = (
-    "position, task_id, version, type, data::text, schema_version, occurred_at,"
-    " request_id, idempotency_key"
+# A page of history or of the feed holds at most this much event data (as JSON text), and
+# always one event: events run to 10,000 characters of description, which JSON can escape
+# to 60 KB, so a page of 1,000 such events would hold 60 MB in the worker three times over
+# (the server's answer, its strings, the response body). A page cut short says that more
+# follows (`StoredEvents.more`); clients page on until the end as they always do.
+PAGE_BYTES = 1 << 20
+
+# A page of a user's events in `order`, cut after `limit` events or once PAGE_BYTES of data
+# is reached. `fetched` counts the events the page could have held (up to `limit`, plus one
+# to learn whether more follow), so that a page cut by the bytes knows more follow too.
+_PAGE = (
+    "SELECT position, task_id, version, type, data, schema_version, occurred_at, request_id,"
+    " idempotency_key, fetched FROM (SELECT *, count(*) OVER () AS fetched,"
+    " sum(octet_length(data)) OVER (ORDER BY {order}) - octet_length(data) AS before"
+    " FROM (SELECT position, task_id, version, type, data::text AS data, schema_version,"
+    " occurred_at, request_id, idempotency_key FROM events"
+    " WHERE user_id = %(user_id)s AND {where}"
+    " ORDER BY {order} LIMIT %(limit)s + 1) AS page) AS sized"
+    " WHERE before < %(page_bytes)s ORDER BY {order}"
 )
+TASK_HISTORY = _PAGE.format(
+    where="task_id = %(task_id)s AND version > %(after)s",
+    order="version",
+)
+USER_EVENTS = _PAGE.format(where="position > %(after)s", order="position")
+
+
+class StoredEvents(NamedTuple):
+    items: list[StoredEvent]
+    more: bool  # whether events follow the page's last one
 
 
 def _stored_event(row: tuple[Any, ...]) -> StoredEvent:
@@ -139,26 +165,25 @@ def _stored_event(row: tuple[Any, ...]) -> StoredEvent:
     )
 
 
+async def _event_page(conn: Conn, query: str, params: dict[str, Any], limit: int) -> StoredEvents:
+    cur = await conn.execute(query, {**params, "limit": limit, "page_bytes": PAGE_BYTES})
+    rows = await cur.fetchall()
+    items = [_stored_event(row) for row in rows[:limit]]
+    return StoredEvents(items, more=bool(rows) and rows[0][9] > len(items))
+
+
 async def task_history(
     conn: Conn, user_id: str, task_id: UUID, after_version: int, limit: int
-) -> list[StoredEvent]:
-    cur = await conn.execute(
-        f"SELECT {_STORED_COLUMNS} FROM events WHERE user_id = %s AND task_id = %s"
-        " AND version > %s ORDER BY version LIMIT %s",
-        (user_id, task_id, after_version, limit),
-    )
-    return [_stored_event(row) for row in await cur.fetchall()]
+) -> StoredEvents:
+    """The task's events after a version, in version order."""
+    params = {"user_id": user_id, "task_id": task_id, "after": after_version}
+    return await _event_page(conn, TASK_HISTORY, params, limit)
 
 
-async def user_events(conn: Conn, user_id: str, after: int, limit: int) -> list[StoredEvent]:
+async def user_events(conn: Conn, user_id: str, after: int, limit: int) -> StoredEvents:
     """The user's events after a position, in position order, which is their commit order
     (see commands.py: a user's events are appended under the user's lock)."""
-    cur = await conn.execute(
-        f"SELECT {_STORED_COLUMNS} FROM events WHERE user_id = %s AND position > %s"
-        " ORDER BY position LIMIT %s",
-        (user_id, after, limit),
-    )
-    return [_stored_event(row) for row in await cur.fetchall()]
+    return await _event_page(conn, USER_EVENTS, {"user_id": user_id, "after": after}, limit)
 
 
 async def task_events(

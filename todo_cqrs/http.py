@@ -955,7 +955,8 @@ async def list_events(
 ) -> FeedPage:
     """The user's events across all tasks in commit order; poll with `after=next_position`."""
     source = _reader(request, consistency_token)
-    return await queries.user_events(source, request.user, after, limit)
+    page, _ = await queries.user_events(source, request.user, after, limit)
+    return page
 
 
 @get("/events/stream", media_type="text/event-stream", responses=_errors(400))
@@ -995,7 +996,7 @@ async def stream_events(
             while True:
                 flag.clear()
                 try:
-                    page = await queries.user_events(pool, user, position, STREAM_PAGE)
+                    page, more = await queries.user_events(pool, user, position, STREAM_PAGE)
                     failing = False
                 except (psycopg.Error, PoolTimeout) as error:
                     # The stream stays open and tries again at the next wake-up or heartbeat;
@@ -1003,14 +1004,14 @@ async def stream_events(
                     if not failing:
                         log.warning("event stream could not read the feed: %s", error)
                     failing = True
-                    page = queries.FeedPage(items=[], next_position=position)
+                    page, more = queries.FeedPage(items=[], next_position=position), False
                 for event in page.items:
                     yield ServerSentEventMessage(
                         data=_encode(event).decode(), id=str(event.position)
                     )
                     last_sent = time.monotonic()
                 position = page.next_position
-                if len(page.items) == STREAM_PAGE:
+                if more:
                     continue
                 try:
                     due = last_sent + settings.heartbeat - time.monotonic()

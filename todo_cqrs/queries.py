@@ -163,11 +163,11 @@ async def task_history(
     """The task's events oldest first; deleted tasks keep their history."""
     after = 0 if cursor is None else _decode_cursor(cursor, _HistoryCursor)[0]
     async with source.connection() as conn:
-        items = await eventstore.task_history(conn, user_id, task_id, after, limit + 1)
+        items, more = await eventstore.task_history(conn, user_id, task_id, after, limit)
         if not items and not await eventstore.task_exists(conn, user_id, task_id):
             raise not_found()
-    next_cursor = _encode_cursor([items[limit - 1].version]) if len(items) > limit else None
-    return EventPage(items=items[:limit], next_cursor=next_cursor)
+    next_cursor = _encode_cursor([items[-1].version]) if more else None
+    return EventPage(items=items, next_cursor=next_cursor)
 
 
 class FeedPage(msgspec.Struct):
@@ -197,11 +197,14 @@ async def task_at(
     return TaskJson(task.version, _encode(task))
 
 
-async def user_events(source: Connections, user_id: str, after: int, limit: int) -> FeedPage:
-    """The feed: the user's events after a position, in commit order, none ever skipped."""
+async def user_events(
+    source: Connections, user_id: str, after: int, limit: int
+) -> tuple[FeedPage, bool]:
+    """The feed: the user's events after a position, in commit order, none ever skipped;
+    and whether more events follow the page (one cut short by PAGE_BYTES, say)."""
     async with source.connection() as conn:
-        items = await eventstore.user_events(conn, user_id, after, limit)
-    return FeedPage(items=items, next_position=items[-1].position if items else after)
+        items, more = await eventstore.user_events(conn, user_id, after, limit)
+    return FeedPage(items=items, next_position=items[-1].position if items else after), more
 
 
 async def last_position(source: Connections, user_id: str) -> int:
