@@ -593,6 +593,10 @@ def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
          " got '0.001'"),  # one query per stream per heartbeat
         ("TODO_SSE_HEARTBEAT", "60", "TODO_SSE_HEARTBEAT: expected seconds, from 0.5 to 15;"
          " got '60'"),  # the contract's heartbeat comes at least every 15 s
+        ("TODO_REQUEST_TIMEOUT", "0", "TODO_REQUEST_TIMEOUT: expected seconds, from 1 to 600;"
+         " got '0'"),  # every request would answer 503
+        ("TODO_REQUEST_TIMEOUT", "inf", "TODO_REQUEST_TIMEOUT: expected seconds, from 1 to 600;"
+         " got 'inf'"),
         ("TODO_LOG_LEVEL", "LOUD", "TODO_LOG_LEVEL: expected one of DEBUG, INFO, WARNING, ERROR,"
          " CRITICAL; got 'LOUD'"),
         ("TODO_POOL_MIN", "20", "TODO_POOL_MIN (20) is above TODO_POOL_MAX (10)"),

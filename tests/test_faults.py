@@ -6,16 +6,18 @@ start it without touching the server the rest of the suite uses.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from conftest import JWT_SECRET
-from helpers import ServeProcess, http_client, service_env
+from helpers import ServeProcess, http_client, postmaster_pid, service_env
 
 from todo_cqrs import db
 from todo_cqrs.auth import mint_token
@@ -117,3 +119,69 @@ def test_after_a_restart_idle_connections_fail_one_request_not_one_each(
         assert set(statuses) <= {200, 503}
         assert statuses.count(503) <= 1, statuses
         assert statuses[-10:] == [200] * 10
+
+
+def _postgres_family(pgdata: Path) -> list[psutil.Process]:
+    pid = postmaster_pid(pgdata)
+    assert pid is not None
+    postmaster = psutil.Process(pid)
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def _signal_each(processes: list[psutil.Process], action: Callable[[psutil.Process], None]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a backend that ended meanwhile
+            action(process)
+
+
+def test_a_database_that_hangs_answers_503_after_the_request_timeout(
+    own_postgres: Any, tmp_path: Path
+) -> None:
+    """A database that neither answers nor refuses (every PostgreSQL process stopped with
+    SIGSTOP) holds no request for ever: past TODO_REQUEST_TIMEOUT it answers 503, once
+    psycopg has given up on the connection (it tries to cancel the statement for 5 s, then
+    waits 5 s more). An answer that has begun, an event stream, is not cut."""
+    url = str(own_postgres.get_uri())
+    db.migrate(url)
+    env = service_env(
+        DATABASE_URL=url,
+        TODO_JWT_SECRET=JWT_SECRET,
+        TODO_REQUEST_TIMEOUT="1",
+        TODO_SSE_HEARTBEAT="0.5",
+    )
+    with (
+        ServeProcess(env, tmp_path, tmp_path / "serve.log") as serve,
+        http_client(serve.url, mint_token(JWT_SECRET, "hang-user")) as client,
+    ):
+        task_id = client.post("/tasks", json={"title": "before"}).json()["id"]
+        with client.stream("GET", "/events/stream") as stream:
+            assert stream.status_code == 200
+            started, heartbeats = time.monotonic(), 0
+            for line in stream.iter_lines():
+                heartbeats += line == ": heartbeat"
+                if time.monotonic() - started > 2.5:
+                    break
+            assert heartbeats >= 4  # still streaming, well past the 1 s timeout
+
+        family = _postgres_family(tmp_path / "pgdata")
+        _signal_each(family, psutil.Process.suspend)
+        try:
+            started = time.monotonic()
+            r = client.get("/tasks")
+            waited = time.monotonic() - started
+        finally:
+            _signal_each(family, psutil.Process.resume)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["detail"] == "The service could not answer in time; retry shortly."
+        assert 1 <= waited < 15, waited
+
+        back = time.monotonic()
+        while (r := client.get(f"/tasks/{task_id}")).status_code != 200:
+            assert r.status_code == 503, r.text
+            assert time.monotonic() - back < 10, "the service did not recover within 10 s"
+            time.sleep(0.1)
+        assert r.json()["title"] == "before"
+        log = serve.log_path.read_text()
+        assert "request passed TODO_REQUEST_TIMEOUT (1.0 s)" in log
+        assert "Traceback" not in log

@@ -27,6 +27,9 @@ class Settings:
     # never finish by themselves, so whatever is still open after this long is cut (an
     # EventSource reconnects elsewhere with Last-Event-ID and misses nothing).
     shutdown_timeout: int = 10
+    # A request whose answer has not begun after this long gets 503 (a database that hangs
+    # rather than refuses); a started answer, such as an event stream, is never cut by it.
+    request_timeout: float = 10.0
     jwt_public_key: str | None = None  # PEM text, or the path of a PEM file
     jwt_jwks_url: str | None = None
     jwt_jwks_file: str | None = None
@@ -81,6 +84,13 @@ class Settings:
             # Whole seconds, 1 or more: uvicorn takes an int, and 0 would cut every request.
             shutdown_timeout=_setting(
                 "TODO_SHUTDOWN_TIMEOUT", "10", int, "whole seconds, 1 or more", _at_least(1)
+            ),
+            request_timeout=_setting(
+                "TODO_REQUEST_TIMEOUT",
+                "10",
+                float,
+                "seconds, from 1 to 600",
+                lambda seconds: 1 <= seconds <= 600,
             ),
             jwt_public_key=env.get("TODO_JWT_PUBLIC_KEY") or None,
             jwt_jwks_url=env.get("TODO_JWT_JWKS_URL") or None,

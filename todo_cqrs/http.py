@@ -405,10 +405,12 @@ _short_query_problem = functools.lru_cache(maxsize=1024)(_parsed_query_problem)
 
 class ServiceEdge:
     """Wraps the whole Litestar app, so that every answer (unrouted 404s included) carries
-    X-Request-ID, is counted, and is logged once."""
+    X-Request-ID, is counted, and is logged once, and no request waits on for its answer
+    past `request_timeout`."""
 
-    def __init__(self, app: Litestar) -> None:
+    def __init__(self, app: Litestar, request_timeout: float) -> None:
         self.app = app
+        self.request_timeout = request_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -425,11 +427,14 @@ class ServiceEdge:
         started = time.perf_counter()
 
         started_response = False
+        deadline = asyncio.timeout(self.request_timeout)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started_response
             if message["type"] == "http.response.start":
                 status, started_response = message["status"], True
+                if not deadline.expired():
+                    deadline.reschedule(None)  # an answer under way (a stream) runs on
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
@@ -437,14 +442,32 @@ class ServiceEdge:
             await send(message)
 
         try:
-            if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
+            async with deadline:
+                if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
+                    await _send_problem(
+                        send_with_id, Problem(431, "The request headers are too large.")
+                    )
+                elif problem := _query_problem(scope["query_string"]):
+                    await _send_problem(send_with_id, problem)
+                else:
+                    await self.app(scope, receive, send_with_id)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            # Cancelled inside a database call, psycopg first asks the server to cancel
+            # the statement and gives up on the connection when it does not answer (up to
+            # 10 s more); a command cut that way rolled back, or committed unanswered (a
+            # retry with its Idempotency-Key gets the answer).
+            log.warning("request passed TODO_REQUEST_TIMEOUT (%s s)", self.request_timeout)
+            if not started_response:
                 await _send_problem(
-                    send_with_id, Problem(431, "The request headers are too large.")
+                    send_with_id,
+                    Problem(
+                        503,
+                        "The service could not answer in time; retry shortly.",
+                        headers={"Retry-After": "1"},
+                    ),
                 )
-            elif problem := _query_problem(scope["query_string"]):
-                await _send_problem(send_with_id, problem)
-            else:
-                await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             # Only uvicorn cancels a request from outside (the app's own cancellations stay
             # inside its task groups): at shutdown, past TODO_SHUTDOWN_TIMEOUT, to cut what
@@ -1177,4 +1200,4 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
         ),
         logging_config=None,
     )
-    return ServiceEdge(app)
+    return ServiceEdge(app, settings.request_timeout)
