@@ -130,6 +130,23 @@ def test_version_returns_each_past_state(api: Api) -> None:
     _assert_state(api.get(f"/tasks/{task_id}"), states[6])
 
 
+def test_version_folds_across_the_chunks_of_a_long_history(api: Api) -> None:
+    """Time travel reads a task's events in chunks of eventstore.TASK_EVENTS_CHUNK (20):
+    the fold carries on across them, and stops at the version asked for."""
+    assert eventstore.TASK_EVENTS_CHUNK == 20
+    task_id = api.create(title="title 1")["id"]
+    titles = {1: "title 1"}
+    for version in range(2, 52):  # 51 events: two whole chunks and part of a third
+        titles[version] = f"title {version}"
+        response = api.patch(f"/tasks/{task_id}", json={"title": titles[version]})
+        assert response.json()["version"] == version
+    for version in (19, 20, 21, 40, 41, 50, 51):
+        body = _travel(api, task_id, version=version).json()
+        assert (body["version"], body["title"]) == (version, titles[version])
+    assert _travel(api, task_id, version=51).json() == api.get(f"/tasks/{task_id}").json()
+    assert _travel(api, task_id, version=52).status_code == 404
+
+
 def test_as_of_returns_the_state_at_a_moment(api: Api) -> None:
     created = api.create(title="at one")
     task_id = created["id"]

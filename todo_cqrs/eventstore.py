@@ -186,6 +186,12 @@ async def user_events(conn: Conn, user_id: str, after: int, limit: int) -> Store
     return await _event_page(conn, USER_EVENTS, {"user_id": user_id, "after": after}, limit)
 
 
+# Rows per chunk of a task's events: a task has as many events as it was changed, each up
+# to 60 KB of data, and a fold needs only one chunk at a time. Four clients folding a task
+# of 2,000 such events: peak RSS 628 MB read whole, 122 MB in chunks of 100, 82 MB of 20.
+TASK_EVENTS_CHUNK = 20
+
+
 async def task_events(
     conn: Conn,
     user_id: str,
@@ -193,20 +199,27 @@ async def task_events(
     *,
     up_to_version: int | None = None,
     up_to_time: datetime | None = None,
-) -> list[Recorded]:
-    """The task's events in version order, up to a version or a moment (inclusive)."""
-    cur = await conn.execute(
+) -> AsyncIterator[list[Recorded]]:
+    """The task's events in version order, up to a version or a moment (inclusive), in
+    chunks of TASK_EVENTS_CHUNK, streamed from the server rather than read whole."""
+    chunk: list[Recorded] = []
+    async for version, type_name, data, schema_version, occurred_at in conn.cursor().stream(
         "SELECT version, type, data::text, schema_version, occurred_at FROM events"
         " WHERE user_id = %s AND task_id = %s"
         " AND (%s::integer IS NULL OR version <= %s::integer)"
         " AND (%s::timestamptz IS NULL OR occurred_at <= %s::timestamptz)"
         " ORDER BY version",
         (user_id, task_id, up_to_version, up_to_version, up_to_time, up_to_time),
-    )
-    return [
-        Recorded(task_id, version, occurred_at, decode_event(type_name, data, schema_version))
-        for version, type_name, data, schema_version, occurred_at in await cur.fetchall()
-    ]
+        size=TASK_EVENTS_CHUNK,
+    ):
+        chunk.append(
+            Recorded(task_id, version, occurred_at, decode_event(type_name, data, schema_version))
+        )
+        if len(chunk) == TASK_EVENTS_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 async def task_exists(conn: Conn, user_id: str, task_id: UUID) -> bool:

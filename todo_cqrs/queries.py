@@ -187,11 +187,12 @@ async def task_at(
 
     404 when it did not exist then, was deleted then, or the version is past the current one.
     """
+    task = None
     async with source.connection() as conn:
-        events = await eventstore.task_events(
+        async for events in eventstore.task_events(
             conn, user_id, task_id, up_to_version=version, up_to_time=as_of
-        )
-    task = fold(events)
+        ):
+            task = fold(events, task)
     if task is None or task.deleted or (version is not None and task.version != version):
         raise not_found()
     return TaskJson(task.version, _encode(task))
