@@ -403,6 +403,41 @@ def _parsed_query_problem(query: bytes) -> Problem | None:
 _short_query_problem = functools.lru_cache(maxsize=1024)(_parsed_query_problem)
 
 
+class _Deadlines:
+    """The requests whose answer has not begun, and when each is due. One check per worker,
+    every half second while any are waiting, cancels those past it: a timer per request
+    (asyncio.timeout) cost 35 k instructions a request, 4% of a `get` (BENCHMARKS.md)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.due: dict[asyncio.Task[Any], float] = {}
+        self.passed: set[asyncio.Task[Any]] = set()  # cancelled here, not by uvicorn
+        self._checker: asyncio.Task[None] | None = None
+
+    def watch(self) -> asyncio.Task[Any]:
+        """Start the current request's deadline; its task, to `stop` it with."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = task.get_loop()
+        self.due[task] = loop.time() + self.seconds
+        if self._checker is None:
+            self._checker = loop.create_task(self._check())
+        return task
+
+    async def _check(self) -> None:
+        try:
+            while self.due:
+                await asyncio.sleep(0.5)
+                now = asyncio.get_running_loop().time()
+                for task, due in list(self.due.items()):
+                    if due <= now:
+                        del self.due[task]
+                        self.passed.add(task)
+                        task.cancel()
+        finally:
+            self._checker = None
+
+
 class ServiceEdge:
     """Wraps the whole Litestar app, so that every answer (unrouted 404s included) carries
     X-Request-ID, is counted, and is logged once, and no request waits on for its answer
@@ -410,7 +445,7 @@ class ServiceEdge:
 
     def __init__(self, app: Litestar, request_timeout: float) -> None:
         self.app = app
-        self.request_timeout = request_timeout
+        self.deadlines = _Deadlines(request_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -427,14 +462,14 @@ class ServiceEdge:
         started = time.perf_counter()
 
         started_response = False
-        deadline = asyncio.timeout(self.request_timeout)
+        deadlines = self.deadlines
+        task = deadlines.watch()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started_response
             if message["type"] == "http.response.start":
                 status, started_response = message["status"], True
-                if not deadline.expired():
-                    deadline.reschedule(None)  # an answer under way (a stream) runs on
+                deadlines.due.pop(task, None)  # an answer under way (a stream) runs on
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
@@ -442,42 +477,44 @@ class ServiceEdge:
             await send(message)
 
         try:
-            async with deadline:
-                if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
-                    await _send_problem(
-                        send_with_id, Problem(431, "The request headers are too large.")
-                    )
-                elif problem := _query_problem(scope["query_string"]):
-                    await _send_problem(send_with_id, problem)
-                else:
-                    await self.app(scope, receive, send_with_id)
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            # Cancelled inside a database call, psycopg first asks the server to cancel
-            # the statement and gives up on the connection when it does not answer (up to
-            # 10 s more); a command cut that way rolled back, or committed unanswered (a
-            # retry with its Idempotency-Key gets the answer).
-            log.warning("request passed TODO_REQUEST_TIMEOUT (%s s)", self.request_timeout)
-            if not started_response:
+            if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
                 await _send_problem(
-                    send_with_id,
-                    Problem(
-                        503,
-                        "The service could not answer in time; retry shortly.",
-                        headers={"Retry-After": "1"},
-                    ),
+                    send_with_id, Problem(431, "The request headers are too large.")
                 )
+            elif problem := _query_problem(scope["query_string"]):
+                await _send_problem(send_with_id, problem)
+            else:
+                await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
-            # Only uvicorn cancels a request from outside (the app's own cancellations stay
-            # inside its task groups): at shutdown, past TODO_SHUTDOWN_TIMEOUT, to cut what
-            # still runs, mostly event streams. That is the documented end of such a request,
-            # not an error: end its answer (a stream) or give one (503), and say so in one
-            # line, rather than leave uvicorn to log an error and send a bare 500.
-            log.info("request cut at shutdown")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(_cut(send_with_id, started_response), 1.0)
+            if task in deadlines.passed:
+                # Cancelled inside a database call, psycopg first asks the server to cancel
+                # the statement and gives up on the connection when it does not answer (up
+                # to 10 s more); a command cut that way rolled back, or committed unanswered
+                # (a retry with its Idempotency-Key gets the answer).
+                task.uncancel()
+                log.warning("request passed TODO_REQUEST_TIMEOUT (%s s)", deadlines.seconds)
+                if not started_response:
+                    await _send_problem(
+                        send_with_id,
+                        Problem(
+                            503,
+                            "The service could not answer in time; retry shortly.",
+                            headers={"Retry-After": "1"},
+                        ),
+                    )
+            else:
+                # Otherwise only uvicorn cancels a request from outside (the app's own
+                # cancellations stay inside its task groups): at shutdown, past
+                # TODO_SHUTDOWN_TIMEOUT, to cut what still runs, mostly event streams. That
+                # is the documented end of such a request, not an error: end its answer (a
+                # stream) or give one (503), and say so in one line, rather than leave
+                # uvicorn to log an error and send a bare 500.
+                log.info("request cut at shutdown")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(_cut(send_with_id, started_response), 1.0)
         finally:
+            deadlines.due.pop(task, None)
+            deadlines.passed.discard(task)
             elapsed = time.perf_counter() - started
             _count(method, scope.get("path_template") or "unrouted", status, elapsed)
             log.info(
