@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -145,6 +146,37 @@ def test_version_folds_across_the_chunks_of_a_long_history(api: Api) -> None:
         assert (body["version"], body["title"]) == (version, titles[version])
     assert _travel(api, task_id, version=51).json() == api.get(f"/tasks/{task_id}").json()
     assert _travel(api, task_id, version=52).status_code == 404
+
+
+def test_an_event_that_cannot_be_read_fails_time_travel_and_ends_its_query(
+    api: Api, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An event that cannot be decoded, in the second chunk of a long history: time travel
+    answers 500, and the stream it left is closed before its connection goes back to the
+    pool (psycopg would otherwise find the connection still busy with the query)."""
+    task_id = api.create(title="title 1")["id"]
+    for version in range(2, 46):
+        assert api.patch(f"/tasks/{task_id}", json={"title": f"title {version}"}).is_success
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        saved = conn.execute(
+            "UPDATE events SET data = '{\"title\": 5}' WHERE task_id = %s AND version = 30"
+            " RETURNING (SELECT data FROM events WHERE task_id = %s AND version = 30)",
+            (task_id, task_id),
+        ).fetchone()
+        assert saved is not None
+        try:
+            with caplog.at_level(logging.WARNING):
+                for _ in range(3):
+                    problem = assert_problem(_travel(api, task_id, version=45), 500)
+                    assert problem["detail"] == "The service failed; the error is logged."
+            assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")] == []
+            assert _travel(api, task_id, version=29).json()["title"] == "title 29"
+        finally:
+            conn.execute(
+                "UPDATE events SET data = %s WHERE task_id = %s AND version = 30",
+                (psycopg.types.json.Jsonb(saved[0]), task_id),
+            )
+    assert _travel(api, task_id, version=45).json()["title"] == "title 45"
 
 
 def test_as_of_returns_the_state_at_a_moment(api: Api) -> None:

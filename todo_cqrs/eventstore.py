@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 from uuid import UUID
 
 import msgspec
@@ -116,19 +117,24 @@ def new_events_json(events: list[Recorded]) -> str:
     ).decode()
 
 
-# A page of history or of the feed holds at most this much event data (as JSON text), and
-# always one event: events run to 10,000 characters of description, which JSON can escape
-# to 60 KB, so a page of 1,000 such events would hold 60 MB in the worker three times over
-# (the server's answer, its strings, the response body). A page cut short says that more
-# follows (`StoredEvents.more`); clients page on until the end as they always do.
+# A page of history or of the feed stops once it holds PAGE_BYTES of event data (as JSON
+# text): it ends with the event that reaches the limit, so it holds at most PAGE_BYTES plus
+# one event, and always one event. Events run to 10,000 characters of description, which
+# JSON can escape to 60 KB, so a page of 1,000 such events would hold 60 MB in the worker
+# three times over (the server's answer, its strings, the response body). A page cut short
+# says that more follows (`StoredEvents.more`); clients page on until the end as they
+# always do.
 PAGE_BYTES = 1 << 20
 
 # A page of a user's events in `order`, cut after `limit` events or once PAGE_BYTES of data
-# is reached. `fetched` counts the events the page could have held (up to `limit`, plus one
-# to learn whether more follow), so that a page cut by the bytes knows more follow too.
+# is reached. `followed` says whether another event follows a row among the `limit` + 1
+# read, so that a page cut by the bytes knows more follow too. Both windows need only the
+# rows up to the current one and the next, so the server streams them rather than holding
+# the page (count(*) OVER () would hold all of it).
 _PAGE = (
     "SELECT position, task_id, version, type, data, schema_version, occurred_at, request_id,"
-    " idempotency_key, fetched FROM (SELECT *, count(*) OVER () AS fetched,"
+    " idempotency_key, followed FROM (SELECT *,"
+    " lead({order}) OVER (ORDER BY {order}) IS NOT NULL AS followed,"
     " sum(octet_length(data)) OVER (ORDER BY {order}) - octet_length(data) AS before"
     " FROM (SELECT position, task_id, version, type, data::text AS data, schema_version,"
     " occurred_at, request_id, idempotency_key FROM events"
@@ -169,7 +175,7 @@ async def _event_page(conn: Conn, query: str, params: dict[str, Any], limit: int
     cur = await conn.execute(query, {**params, "limit": limit, "page_bytes": PAGE_BYTES})
     rows = await cur.fetchall()
     items = [_stored_event(row) for row in rows[:limit]]
-    return StoredEvents(items, more=bool(rows) and rows[0][9] > len(items))
+    return StoredEvents(items, more=bool(items) and bool(rows[len(items) - 1][9]))
 
 
 async def task_history(
@@ -191,6 +197,10 @@ async def user_events(conn: Conn, user_id: str, after: int, limit: int) -> Store
 # of 2,000 such events: peak RSS 628 MB read whole, 122 MB in chunks of 100, 82 MB of 20.
 TASK_EVENTS_CHUNK = 20
 
+# The server sends rows in chunks only with libpq 17 or newer (psycopg's binary wheels 3.3
+# and later ship it); an older libpq streams row by row, which holds as little.
+_STREAM_ROWS = TASK_EVENTS_CHUNK if psycopg.capabilities.has_stream_chunked() else 1
+
 
 async def task_events(
     conn: Conn,
@@ -199,25 +209,34 @@ async def task_events(
     *,
     up_to_version: int | None = None,
     up_to_time: datetime | None = None,
-) -> AsyncIterator[list[Recorded]]:
+) -> AsyncGenerator[list[Recorded], None]:
     """The task's events in version order, up to a version or a moment (inclusive), in
-    chunks of TASK_EVENTS_CHUNK, streamed from the server rather than read whole."""
+    chunks of TASK_EVENTS_CHUNK, streamed from the server rather than read whole.
+
+    Use it inside `contextlib.aclosing`: a stream left early (an event that cannot be
+    decoded, say) must end its query before the connection goes back to the pool."""
     chunk: list[Recorded] = []
-    async for version, type_name, data, schema_version, occurred_at in conn.cursor().stream(
-        "SELECT version, type, data::text, schema_version, occurred_at FROM events"
-        " WHERE user_id = %s AND task_id = %s"
-        " AND (%s::integer IS NULL OR version <= %s::integer)"
-        " AND (%s::timestamptz IS NULL OR occurred_at <= %s::timestamptz)"
-        " ORDER BY version",
-        (user_id, task_id, up_to_version, up_to_version, up_to_time, up_to_time),
-        size=TASK_EVENTS_CHUNK,
-    ):
-        chunk.append(
-            Recorded(task_id, version, occurred_at, decode_event(type_name, data, schema_version))
-        )
-        if len(chunk) == TASK_EVENTS_CHUNK:
-            yield chunk
-            chunk = []
+    # psycopg types stream() as an AsyncIterator; it is an async generator, whose aclose()
+    # cancels the query and drains what the server already sent.
+    rows = cast(
+        "AsyncGenerator[tuple[Any, ...], None]",
+        conn.cursor().stream(
+            "SELECT version, type, data::text, schema_version, occurred_at FROM events"
+            " WHERE user_id = %s AND task_id = %s"
+            " AND (%s::integer IS NULL OR version <= %s::integer)"
+            " AND (%s::timestamptz IS NULL OR occurred_at <= %s::timestamptz)"
+            " ORDER BY version",
+            (user_id, task_id, up_to_version, up_to_version, up_to_time, up_to_time),
+            size=_STREAM_ROWS,
+        ),
+    )
+    async with aclosing(rows):
+        async for version, type_name, data, schema_version, occurred_at in rows:
+            event = decode_event(type_name, data, schema_version)
+            chunk.append(Recorded(task_id, version, occurred_at, event))
+            if len(chunk) == TASK_EVENTS_CHUNK:
+                yield chunk
+                chunk = []
     if chunk:
         yield chunk
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from contextlib import aclosing
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, TypeAlias
 from uuid import UUID
@@ -189,10 +190,12 @@ async def task_at(
     """
     task = None
     async with source.connection() as conn:
-        async for events in eventstore.task_events(
+        chunks = eventstore.task_events(
             conn, user_id, task_id, up_to_version=version, up_to_time=as_of
-        ):
-            task = fold(events, task)
+        )
+        async with aclosing(chunks):
+            async for events in chunks:
+                task = fold(events, task)
     if task is None or task.deleted or (version is not None and task.version != version):
         raise not_found()
     return TaskJson(task.version, _encode(task))
