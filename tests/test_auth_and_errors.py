@@ -5,6 +5,7 @@ bodies, request ids and the operations endpoints (API.md, "Auth", "The task", "E
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import time
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from todo_cqrs import auth, db
 from todo_cqrs.config import Settings
-from todo_cqrs.http import create_app
+from todo_cqrs.http import _Deadlines, create_app
 
 REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -602,3 +603,52 @@ def test_a_verified_token_is_not_reused_past_its_exp_and_leeway() -> None:
 def test_the_default_heartbeat_keeps_the_contracts_15_s(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TODO_SSE_HEARTBEAT", raising=False)
     assert Settings.from_env().heartbeat == 10.0  # the README's default
+
+
+async def _swallow_one_cancel(deadlines: _Deadlines) -> tuple[int, float]:
+    """A request that catches the deadline's first cancel and runs on (psycopg does, while
+    it asks the server to cancel the statement); how many cancels it took, and how long."""
+    task = deadlines.watch()
+    started = asyncio.get_running_loop().time()
+    try:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            task.uncancel()
+            await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        pass
+    return deadlines.stop(task), asyncio.get_running_loop().time() - started
+
+
+def test_a_request_that_runs_on_past_its_deadlines_cancel_is_cancelled_again() -> None:
+    deadlines = _Deadlines(0.2)
+    cancels, took = asyncio.run(_swallow_one_cancel(deadlines))
+    assert cancels == 2
+    assert 0.2 + deadlines.recancel_after <= took < 0.2 + deadlines.recancel_after + 1.1
+    assert deadlines.due == {} and deadlines.cancels == {}
+
+
+def test_the_deadline_check_starts_again_on_a_new_event_loop() -> None:
+    """A loop closed while a request waited (its tasks never cancelled) leaves its check
+    behind; requests on the next loop get a check of their own."""
+    deadlines = _Deadlines(0.2)
+
+    async def watch_and_leave() -> None:
+        deadlines.watch()
+
+    first = asyncio.new_event_loop()
+    first.run_until_complete(first.create_task(watch_and_leave()))
+    first.close()
+    assert len(deadlines.due) == 1
+
+    async def wait_too_long() -> float:
+        task = deadlines.watch()
+        started = asyncio.get_running_loop().time()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        assert deadlines.stop(task) == 1
+        return asyncio.get_running_loop().time() - started
+
+    assert 0.2 <= asyncio.run(wait_too_long()) < 1.2
+    assert deadlines.due == {}

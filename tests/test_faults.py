@@ -138,9 +138,10 @@ def test_a_database_that_hangs_answers_503_after_the_request_timeout(
     own_postgres: Any, tmp_path: Path
 ) -> None:
     """A database that neither answers nor refuses (every PostgreSQL process stopped with
-    SIGSTOP) holds no request for ever: past TODO_REQUEST_TIMEOUT it answers 503, once
-    psycopg has given up on the connection (it tries to cancel the statement for 5 s, then
-    waits 5 s more). An answer that has begun, an event stream, is not cut."""
+    SIGSTOP) holds no request for ever: past TODO_REQUEST_TIMEOUT it answers 503, within
+    about 2 s more (psycopg asks the server to cancel the statement, and closes the
+    connection when the request is cancelled again a second later, rather than wait up to
+    10 s for the server). An answer that has begun, an event stream, is not cut."""
     url = str(own_postgres.get_uri())
     db.migrate(url)
     env = service_env(
@@ -174,7 +175,7 @@ def test_a_database_that_hangs_answers_503_after_the_request_timeout(
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"] == "1"
         assert r.json()["detail"] == "The service could not answer in time; retry shortly."
-        assert 1 <= waited < 15, waited
+        assert 1 <= waited < 5, waited  # cancelled, then again a second later: closed
 
         back = time.monotonic()
         while (r := client.get(f"/tasks/{task_id}")).status_code != 200:

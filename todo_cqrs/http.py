@@ -406,12 +406,19 @@ _short_query_problem = functools.lru_cache(maxsize=1024)(_parsed_query_problem)
 class _Deadlines:
     """The requests whose answer has not begun, and when each is due. One check per worker,
     every half second while any are waiting, cancels those past it: a timer per request
-    (asyncio.timeout) cost 35 k instructions a request, 4% of a `get` (BENCHMARKS.md)."""
+    (asyncio.timeout) cost 35 k instructions a request, 4% of a `get` (BENCHMARKS.md).
+
+    A request still running a second after its cancel is cancelled again, and so on each
+    second: psycopg answers a cancel by asking the server to cancel the statement (up to 5 s)
+    and waiting for it (5 s more); a second cancel makes it close the connection at once, so
+    a frozen server holds a request about 2 s past its deadline, not 12."""
+
+    recancel_after = 1.0
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.due: dict[asyncio.Task[Any], float] = {}
-        self.passed: set[asyncio.Task[Any]] = set()  # cancelled here, not by uvicorn
+        self.cancels: dict[asyncio.Task[Any], int] = {}  # by this, not by uvicorn
         self._checker: asyncio.Task[None] | None = None
 
     def watch(self) -> asyncio.Task[Any]:
@@ -420,22 +427,33 @@ class _Deadlines:
         assert task is not None
         loop = task.get_loop()
         self.due[task] = loop.time() + self.seconds
-        if self._checker is None:
+        checker = self._checker
+        if checker is None or checker.done() or checker.get_loop() is not loop:
+            # A check on another loop (a test client's, closed since) sees none of these.
+            for other in [t for t in self.due if t.get_loop() is not loop]:
+                self.stop(other)
             self._checker = loop.create_task(self._check())
         return task
 
+    def stop(self, task: asyncio.Task[Any]) -> int:
+        """End the task's deadline; how many times it was cancelled for passing it."""
+        self.due.pop(task, None)
+        return self.cancels.pop(task, 0)
+
     async def _check(self) -> None:
+        this = asyncio.current_task()
         try:
             while self.due:
                 await asyncio.sleep(0.5)
                 now = asyncio.get_running_loop().time()
                 for task, due in list(self.due.items()):
                     if due <= now:
-                        del self.due[task]
-                        self.passed.add(task)
+                        self.due[task] = now + self.recancel_after
+                        self.cancels[task] = self.cancels.get(task, 0) + 1
                         task.cancel()
         finally:
-            self._checker = None
+            if self._checker is this:  # not one started since on another loop
+                self._checker = None
 
 
 class ServiceEdge:
@@ -486,12 +504,14 @@ class ServiceEdge:
             else:
                 await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
-            if task in deadlines.passed:
+            # Before any await here: the check must not cut the 503 or the shutdown cut.
+            if cancels := deadlines.stop(task):
                 # Cancelled inside a database call, psycopg first asks the server to cancel
-                # the statement and gives up on the connection when it does not answer (up
-                # to 10 s more); a command cut that way rolled back, or committed unanswered
-                # (a retry with its Idempotency-Key gets the answer).
-                task.uncancel()
+                # the statement, and closes the connection when cancelled again; a command
+                # cut that way rolled back, or committed unanswered (a retry with its
+                # Idempotency-Key gets the answer).
+                for _ in range(cancels):
+                    task.uncancel()
                 log.warning("request passed TODO_REQUEST_TIMEOUT (%s s)", deadlines.seconds)
                 if not started_response:
                     await _send_problem(
@@ -513,8 +533,7 @@ class ServiceEdge:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(_cut(send_with_id, started_response), 1.0)
         finally:
-            deadlines.due.pop(task, None)
-            deadlines.passed.discard(task)
+            deadlines.stop(task)
             elapsed = time.perf_counter() - started
             _count(method, scope.get("path_template") or "unrouted", status, elapsed)
             log.info(
@@ -1163,8 +1182,10 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
         # process. Frozen, it is out of the collector's sight: a full collection then scans
         # only what requests left behind. Unfrozen, each of a worker's few full collections
         # under load stopped every request in it for 60-85 ms (BENCHMARKS.md, 2026-12-05).
-        gc.collect()
-        gc.freeze()
+        # Once per process: the apps a test process makes one after another stay collectable.
+        if not gc.get_freeze_count():
+            gc.collect()
+            gc.freeze()
         for each in pools:  # a database that is down at start means 503s, not a crash
             await each.open(wait=False)
         helpers = [
