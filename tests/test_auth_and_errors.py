@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import re
 import time
 import uuid
@@ -21,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from todo_cqrs import auth, db
 from todo_cqrs.config import Settings
-from todo_cqrs.http import _Deadlines, create_app
+from todo_cqrs.http import ServiceEdge, _Deadlines, create_app
 
 REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -652,3 +653,43 @@ def test_the_deadline_check_starts_again_on_a_new_event_loop() -> None:
 
     assert 0.2 <= asyncio.run(wait_too_long()) < 1.2
     assert deadlines.due == {}
+
+
+def test_a_swallowed_deadline_cancel_is_forgotten_once_the_answer_begins(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """psycopg_pool hands over a connection that arrived with a cancel and swallows the
+    cancel: the request runs on and begins its answer (a stream). uvicorn's cut at shutdown
+    must then end that answer, not be taken for the deadline's cancel."""
+    begun = asyncio.Event()
+
+    async def stream(scope: Any, receive: Any, send: Any) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        begun.set()
+        await asyncio.sleep(5)
+
+    edge = ServiceEdge(stream, 0.2)  # type: ignore[arg-type]
+    sent: list[dict[str, Any]] = []
+
+    async def serve_and_cut() -> None:
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(10)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/events/stream", "headers": []}
+        request = asyncio.create_task(edge({**scope, "query_string": b""}, receive, send))
+        await asyncio.wait_for(begun.wait(), 2)
+        request.cancel()  # uvicorn, past TODO_SHUTDOWN_TIMEOUT
+        await request
+
+    with caplog.at_level(logging.INFO, logger="todo_cqrs"):
+        asyncio.run(serve_and_cut())
+    messages = [r.getMessage() for r in caplog.records]
+    assert "request cut at shutdown" in messages
+    assert not [m for m in messages if m.startswith("request passed")]
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
