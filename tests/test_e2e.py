@@ -549,6 +549,7 @@ def test_migrations_roll_back_and_apply_again(new_database: Callable[[], str]) -
         "0002.events-position-index",
         "0003.task-body",
         "0004.task-title-casefolded",
+        "0005.events-data-bytes",
     ]
     backend = get_backend(db.yoyo_url(url))
     migrations = read_migrations(str(db.migrations_dir()))
@@ -573,7 +574,8 @@ def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
         assert result.returncode == 2, result.stderr
         assert result.stderr.endswith(
             ": the database lacks migrations 0001.initial, 0002.events-position-index,"
-            " 0003.task-body, 0004.task-title-casefolded; run `todo-cqrs migrate`\n"
+            " 0003.task-body, 0004.task-title-casefolded, 0005.events-data-bytes;"
+            " run `todo-cqrs migrate`\n"
         ), result.stderr
         assert "Traceback" not in result.stderr
     result = run_cli("rebuild", "--check", "--user", "alice", env=env)

@@ -127,16 +127,18 @@ def new_events_json(events: list[Recorded]) -> str:
 PAGE_BYTES = 1 << 20
 
 # A page of a user's events in `order`, cut after `limit` events or once PAGE_BYTES of data
-# is reached. `followed` says whether another event follows a row among the `limit` + 1
-# read, so that a page cut by the bytes knows more follow too. Both windows need only the
-# rows up to the current one and the next, so the server streams them rather than holding
-# the page (count(*) OVER () would hold all of it).
+# is reached. The cut sums each event's stored size (`data_bytes`, migration 0005) and turns
+# into text only the events kept: a user's 1,000 events of 60 KB made every page turn all
+# `limit` + 1 of them and keep 17 (0.5 s of the server's time at limit=1000). `followed`
+# says whether another event follows a row among those read, so that a page cut by the
+# bytes knows more follow too. Both windows need only the rows up to the current one and
+# the next, so the server streams them rather than holding the page.
 _PAGE = (
-    "SELECT position, task_id, version, type, data, schema_version, occurred_at, request_id,"
-    " idempotency_key, followed FROM (SELECT *,"
+    "SELECT position, task_id, version, type, data::text, schema_version, occurred_at,"
+    " request_id, idempotency_key, followed FROM (SELECT *,"
     " lead({order}) OVER (ORDER BY {order}) IS NOT NULL AS followed,"
-    " sum(octet_length(data)) OVER (ORDER BY {order}) - octet_length(data) AS before"
-    " FROM (SELECT position, task_id, version, type, data::text AS data, schema_version,"
+    " sum(data_bytes) OVER (ORDER BY {order}) - data_bytes AS before"
+    " FROM (SELECT position, task_id, version, type, data, data_bytes, schema_version,"
     " occurred_at, request_id, idempotency_key FROM events"
     " WHERE user_id = %(user_id)s AND {where}"
     " ORDER BY {order} LIMIT %(limit)s + 1) AS page) AS sized"

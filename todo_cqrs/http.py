@@ -514,9 +514,9 @@ class ServiceEdge:
             # Before any await here: the check must not cut the 503 or the shutdown cut.
             if cancels := deadlines.stop(task):
                 # Cancelled inside a database call, psycopg first asks the server to cancel
-                # the statement, and closes the connection when cancelled again; a command
-                # cut that way rolled back, or committed unanswered (a retry with its
-                # Idempotency-Key gets the answer).
+                # the statement, and closes the connection when cancelled again. A command
+                # cut that way committed unanswered, or rolls back once the server sees the
+                # connection closed; a retry with its Idempotency-Key then gets the answer.
                 for _ in range(cancels):
                     task.uncancel()
                 log.warning("request passed TODO_REQUEST_TIMEOUT (%s s)", deadlines.seconds)
