@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import re
+import threading
 import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import psycopg
@@ -25,7 +27,7 @@ from helpers import (
     service_env,
 )
 
-from todo_cqrs import projection
+from todo_cqrs import eventstore, projection
 
 
 def ok(response: Any, status: int = 200) -> Any:
@@ -215,3 +217,94 @@ def test_rebuild_of_one_user_touches_only_that_user(
     asyncio.run(projection.rebuild_all(database_url))
     with psycopg.connect(database_url) as conn:
         assert_projection_is_the_fold(conn)
+
+
+def test_tasks_longer_than_a_copy_row_fold_across_their_rows(api: Any, database_url: str) -> None:
+    """The rebuild reads a task's events REBUILD_EVENTS_PER_ROW (100) to a row: two tasks
+    of 2,501 events (26 rows each: the fold goes on across them) beside one of a single
+    event, all of one user; the rebuild, the user's rebuild and --check all fold them whole."""
+    assert eventstore.REBUILD_EVENTS_PER_ROW == 100
+    long_ids = [api.create(title="long")["id"] for _ in range(2)]
+    short_id = api.create(title="short")["id"]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for task_id in long_ids:
+            # Renames up to version 2,501, completed at 100 and reopened at 101 (the last
+            # event of the first row and the first of the second).
+            conn.execute(
+                "INSERT INTO events (user_id, task_id, version, type, data, occurred_at)"
+                " SELECT %(user)s, %(task)s, v,"
+                " CASE v WHEN 100 THEN 'TaskCompleted' WHEN 101 THEN 'TaskReopened'"
+                " ELSE 'TaskRenamed' END,"
+                " CASE WHEN v IN (100, 101) THEN '{}'::jsonb"
+                " ELSE jsonb_build_object('title', 'title ' || v) END,"
+                " now() + v * interval '1 ms'"
+                " FROM generate_series(2, 2501) AS v",
+                {"user": api.user, "task": task_id},
+            )
+        streams = event_streams(conn, api.user)
+        assert [len(streams[(api.user, uuid.UUID(t))]) for t in long_ids] == [2501, 2501]
+
+    summary = asyncio.run(projection.rebuild_user(database_url, api.user))
+    assert (summary.events, summary.tasks) == (5003, 3)
+    with psycopg.connect(database_url) as conn:
+        rows = projection_rows(conn, api.user)
+        assert rows == fold_streams(event_streams(conn, api.user))
+    for task_id in long_ids:
+        task = ok(api.get(f"/tasks/{task_id}"))
+        assert (task["title"], task["version"], task["completed"]) == ("title 2501", 2501, False)
+    assert ok(api.get(f"/tasks/{short_id}"))["version"] == 1
+
+    drifts = asyncio.run(projection.check(database_url))
+    assert [d for d in drifts if d.user_id == api.user] == []
+    asyncio.run(projection.rebuild_all(database_url))
+    with psycopg.connect(database_url) as conn:
+        assert projection_rows(conn, api.user) == rows
+        assert_projection_is_the_fold(conn)
+
+
+def _error_within(
+    seconds: float, run: Callable[[], Coroutine[Any, Any, object]]
+) -> BaseException | None:
+    """What `run` raised, from a thread of its own, so that a run that never ends fails the
+    test instead of holding up the suite."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(run())
+        except BaseException as error:
+            raised.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return raised[0] if raised else None
+
+
+def test_a_stream_that_cannot_be_folded_fails_the_rebuild_and_check_without_hanging(
+    database_url: str,
+) -> None:
+    """Events that no command writes (a rename before the task's TaskCreated, written by
+    hand): the rebuilds and --check stop with the fold's error, naming the task, rather than
+    wait for ever on the COPY they left open; the projection stays as it was."""
+    user, task_id = f"broken-{uuid.uuid4()}", uuid.uuid4()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        before = projection_rows(conn)
+        conn.execute(
+            "INSERT INTO events (user_id, task_id, version, type, data, occurred_at)"
+            """ VALUES (%s, %s, 1, 'TaskRenamed', '{"title": "no create"}', now())""",
+            (user, task_id),
+        )
+        try:
+            for run in (
+                lambda: projection.rebuild_user(database_url, user),
+                lambda: projection.rebuild_all(database_url),
+                lambda: projection.check(database_url),
+            ):
+                error = _error_within(60, run)
+                assert isinstance(error, ValueError), repr(error)
+                assert str(error) == f"TaskRenamed before TaskCreated in task {task_id}"
+            assert projection_rows(conn) == before
+        finally:
+            conn.execute("DELETE FROM events WHERE user_id = %s", (user,))

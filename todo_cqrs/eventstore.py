@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from datetime import datetime
 from typing import Any, NamedTuple, cast
@@ -274,24 +274,34 @@ _CURRENT_STREAM = msgspec.json.Decoder(list[Recorded])
 _OLD_STREAM = msgspec.json.Decoder(list[tuple[UUID, int, datetime, dict[str, Any], int]])
 
 
+# Events per row of the rebuild's COPY: a task's events come as one JSON array per this many,
+# so that a task changed thousands of times with 60 KB events is not one row of hundreds of
+# MB in the server and in Python (PostgreSQL refuses a value past 1 GB: 17,000 such events);
+# an array of 100 holds 6 MB at most. Most tasks have a few events, and one array.
+REBUILD_EVENTS_PER_ROW = 100
+
+
 async def copy_task_streams(
     conn: Conn, *, user_id: str | None = None, c_order: bool = False
-) -> AsyncIterator[tuple[str, list[Recorded]]]:
-    """Every task's events, task by task (ordered by user and task), for the rebuild.
+) -> AsyncGenerator[tuple[str, list[Recorded]], None]:
+    """Every task's events, task by task (ordered by user and task), for the rebuild; a task
+    of more than REBUILD_EVENTS_PER_ROW events comes as several lists in a row, in order.
 
-    The server aggregates each task's events into one JSON array, tag included, and streams
-    them with COPY; msgspec then decodes a whole stream into `Recorded`s in one call. That
-    keeps Python's work per event small and lets the server work on the other core. A
-    stream holding an old shape goes through the upcasters. `c_order` sorts users in byte
-    order, as Python compares strings, for merging with another stream.
+    The server aggregates a task's events into JSON arrays, tag included, and streams them
+    with COPY; msgspec then decodes a whole array into `Recorded`s in one call. That keeps
+    Python's work per event small and lets the server work on the other core. An array
+    holding an old shape goes through the upcasters. `c_order` sorts users in byte order,
+    as Python compares strings, for merging with another stream.
     """
     condition, params = ("WHERE user_id = %s", [user_id]) if user_id is not None else ("", [])
     collate = ' COLLATE "C"' if c_order else ""
+    part = f"(version - 1) / {REBUILD_EVENTS_PER_ROW}"
     query = (
         "COPY (SELECT user_id, json_agg(json_build_array(task_id, version, occurred_at,"
         " data || jsonb_build_object('type', type), schema_version) ORDER BY version),"
         f" bool_and({_all_current_sql()}) FROM events {condition}"
-        f" GROUP BY user_id, task_id ORDER BY user_id{collate}, task_id) TO STDOUT"
+        f" GROUP BY user_id, task_id, {part} ORDER BY user_id{collate}, task_id, {part})"
+        " TO STDOUT"
     )
     async with conn.cursor() as cur, cur.copy(query, params) as copy:
         copy.set_types(["text", "text", "bool"])

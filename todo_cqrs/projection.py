@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 from uuid import UUID
 
@@ -13,7 +14,7 @@ import psycopg
 from psycopg import sql
 from psycopg.copy import AsyncQueuedLibpqWriter
 
-from todo_cqrs.domain import Recorded, Task, caseless, evolve
+from todo_cqrs.domain import Recorded, Task, caseless, evolve, fold
 from todo_cqrs.eventstore import copy_task_streams, decode_event, lock_user
 
 Conn = psycopg.AsyncConnection[Any]
@@ -165,20 +166,27 @@ def _copy_line(user_id: str, task: Task) -> str:
 
 
 async def _folded(
-    streams: AsyncIterator[tuple[str, list[Recorded]]], on_events: OnEvents
+    streams: AsyncGenerator[tuple[str, list[Recorded]], None], on_events: OnEvents
 ) -> AsyncIterator[tuple[str, Task]]:
-    """Each task's state, folded with `evolve` from its events."""
+    """Each task's state, folded from its events (a long task's lists one after another)."""
     count = 0
-    async for user_id, stream in streams:
-        state = None
-        for recorded in stream:
-            state = evolve(state, recorded)
-        if state is not None:
-            yield user_id, state
-        count += len(stream)
-        if count >= 10_000:
-            on_events(count)
-            count = 0
+    task: tuple[str, UUID] | None = None
+    state: Task | None = None
+    # Closed when the fold fails (an event before TaskCreated, say): else the COPY it left
+    # would hold the connection, and the rollback after the error would wait on it for ever.
+    async with aclosing(streams):
+        async for user_id, stream in streams:
+            if (user_id, stream[0].task_id) != task:
+                if task is not None and state is not None:
+                    yield task[0], state
+                task, state = (user_id, stream[0].task_id), None
+            state = fold(stream, state)
+            count += len(stream)
+            if count >= 10_000:
+                on_events(count)
+                count = 0
+    if task is not None and state is not None:
+        yield task[0], state
     on_events(count)
 
 
