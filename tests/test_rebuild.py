@@ -27,7 +27,7 @@ from helpers import (
     service_env,
 )
 
-from todo_cqrs import eventstore, projection
+from todo_cqrs import dataset, db, eventstore, projection
 
 
 def ok(response: Any, status: int = 200) -> Any:
@@ -283,28 +283,34 @@ def _error_within(
 
 
 def test_a_stream_that_cannot_be_folded_fails_the_rebuild_and_check_without_hanging(
-    database_url: str,
+    server_url: str,
 ) -> None:
     """Events that no command writes (a rename before the task's TaskCreated, written by
     hand): the rebuilds and --check stop with the fold's error, naming the task, rather than
-    wait for ever on the COPY they left open; the projection stays as it was."""
-    user, task_id = f"broken-{uuid.uuid4()}", uuid.uuid4()
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        before = projection_rows(conn)
-        conn.execute(
-            "INSERT INTO events (user_id, task_id, version, type, data, occurred_at)"
-            """ VALUES (%s, %s, 1, 'TaskRenamed', '{"title": "no create"}', now())""",
-            (user, task_id),
-        )
-        try:
-            for run in (
-                lambda: projection.rebuild_user(database_url, user),
-                lambda: projection.rebuild_all(database_url),
-                lambda: projection.check(database_url),
-            ):
-                error = _error_within(60, run)
-                assert isinstance(error, ValueError), repr(error)
-                assert str(error) == f"TaskRenamed before TaskCreated in task {task_id}"
+    wait for ever on a COPY they left open (the events' or, in --check, the rows' one, which
+    is still under way halfway through 20,000 rows); the projection stays as it was."""
+    url = db.create_database(server_url, "todo_cqrs_broken")
+    try:
+        db.migrate(url)
+        dataset.generate(url, users=100, tasks=20_000, events=100_000)
+        asyncio.run(projection.rebuild_all(url))
+        user, task_id = "bench-user-50-broken", uuid.uuid4()  # halfway through the rows
+        with psycopg.connect(url, autocommit=True) as conn:
+            before = projection_rows(conn)
+            conn.execute(
+                "INSERT INTO events (user_id, task_id, version, type, data, occurred_at)"
+                """ VALUES (%s, %s, 1, 'TaskRenamed', '{"title": "no create"}', now())""",
+                (user, task_id),
+            )
+        for run in (
+            lambda: projection.rebuild_user(url, user),
+            lambda: projection.rebuild_all(url),
+            lambda: projection.check(url),
+        ):
+            error = _error_within(60, run)
+            assert isinstance(error, ValueError), repr(error)
+            assert str(error) == f"TaskRenamed before TaskCreated in task {task_id}"
+        with psycopg.connect(url) as conn:
             assert projection_rows(conn) == before
-        finally:
-            conn.execute("DELETE FROM events WHERE user_id = %s", (user,))
+    finally:
+        db.drop_database(server_url, url)

@@ -167,7 +167,7 @@ def _copy_line(user_id: str, task: Task) -> str:
 
 async def _folded(
     streams: AsyncGenerator[tuple[str, list[Recorded]], None], on_events: OnEvents
-) -> AsyncIterator[tuple[str, Task]]:
+) -> AsyncGenerator[tuple[str, Task], None]:
     """Each task's state, folded from its events (a long task's lists one after another)."""
     count = 0
     task: tuple[str, UUID] | None = None
@@ -331,8 +331,9 @@ async def rebuild_all(conninfo: str, on_events: OnEvents = _ignore) -> RebuildSu
                     await control.execute("LOCK TABLE tasks IN SHARE MODE")
                     await reader.execute("SELECT 1")  # the snapshot is taken here
                     mark = await _high_water(control)
-                folded = _folded(copy_task_streams(reader), count)
-                tasks = await _copy_tasks(writer, NEW_TABLE, folded)
+                # Closed if the writing fails, so that the reader's COPY ends (as in check).
+                async with aclosing(_folded(copy_task_streams(reader), count)) as folded:
+                    tasks = await _copy_tasks(writer, NEW_TABLE, folded)
                 await reader.rollback()
                 await _copy_indexes(writer)
                 # The catch-ups find the new events through the BRIN index on position. Make
@@ -470,7 +471,7 @@ class _Row(msgspec.Struct):
         )
 
 
-async def _copy_rows(conn: Conn) -> AsyncIterator[_Row]:
+async def _copy_rows(conn: Conn) -> AsyncGenerator[_Row, None]:
     query = (
         f"COPY (SELECT user_id, {TASK_COLUMNS}, body, title_casefolded FROM tasks"
         ' ORDER BY user_id COLLATE "C", task_id) TO STDOUT'
@@ -507,7 +508,6 @@ async def check(conninfo: str, on_events: OnEvents = _ignore) -> list[Drift]:
     Both sides are read from one snapshot (exported from one connection to the other), so
     commands running meanwhile cause no false drift.
     """
-    drifts: list[Drift] = []
     async with (
         await psycopg.AsyncConnection.connect(conninfo) as events_conn,
         await psycopg.AsyncConnection.connect(conninfo) as rows_conn,
@@ -518,25 +518,38 @@ async def check(conninfo: str, on_events: OnEvents = _ignore) -> list[Drift]:
         cur = await events_conn.execute("SELECT pg_export_snapshot()")
         snapshot = (await cur.fetchone() or [""])[0]
         await rows_conn.execute(f"SET TRANSACTION SNAPSHOT {sql.quote(snapshot)}")
-        folded = _folded(copy_task_streams(events_conn, c_order=True), on_events)
-        rows = _copy_rows(rows_conn)
-        task = await anext(folded, None)
-        row = await anext(rows, None)
-        while task is not None or row is not None:
-            task_key = (task[0], task[1].id.bytes) if task else None
-            row_key = (row.user_id, row.task.id.bytes) if row else None
-            if row_key is None or (task_key is not None and task_key < row_key):
-                assert task is not None
-                drifts.append(Drift(task[0], task[1].id, _differences(None, task[1])))
-                task = await anext(folded, None)
-            elif task_key is None or row_key < task_key:
-                assert row is not None
-                drifts.append(Drift(row.user_id, row.task.id, _differences(row, None)))
-                row = await anext(rows, None)
-            else:
-                assert task is not None and row is not None
-                if not row.matches(task[1]):
-                    drifts.append(Drift(row.user_id, row.task.id, _differences(row, task[1])))
-                task = await anext(folded, None)
-                row = await anext(rows, None)
+        # Both closed when either side fails: a COPY left open would hold its connection,
+        # and the rollback on the way out would wait on it for ever.
+        async with (
+            aclosing(_folded(copy_task_streams(events_conn, c_order=True), on_events)) as folded,
+            aclosing(_copy_rows(rows_conn)) as rows,
+        ):
+            drifts = await _compare(folded, rows)
+    return drifts
+
+
+async def _compare(
+    folded: AsyncIterator[tuple[str, Task]], rows: AsyncIterator[_Row]
+) -> list[Drift]:
+    """The drifts between the folds and the rows, both in (user, task) order."""
+    drifts: list[Drift] = []
+    task = await anext(folded, None)
+    row = await anext(rows, None)
+    while task is not None or row is not None:
+        task_key = (task[0], task[1].id.bytes) if task else None
+        row_key = (row.user_id, row.task.id.bytes) if row else None
+        if row_key is None or (task_key is not None and task_key < row_key):
+            assert task is not None
+            drifts.append(Drift(task[0], task[1].id, _differences(None, task[1])))
+            task = await anext(folded, None)
+        elif task_key is None or row_key < task_key:
+            assert row is not None
+            drifts.append(Drift(row.user_id, row.task.id, _differences(row, None)))
+            row = await anext(rows, None)
+        else:
+            assert task is not None and row is not None
+            if not row.matches(task[1]):
+                drifts.append(Drift(row.user_id, row.task.id, _differences(row, task[1])))
+            task = await anext(folded, None)
+            row = await anext(rows, None)
     return drifts
