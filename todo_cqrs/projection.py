@@ -331,9 +331,8 @@ async def rebuild_all(conninfo: str, on_events: OnEvents = _ignore) -> RebuildSu
                     await control.execute("LOCK TABLE tasks IN SHARE MODE")
                     await reader.execute("SELECT 1")  # the snapshot is taken here
                     mark = await _high_water(control)
-                # Closed if the writing fails, so that the reader's COPY ends (as in check).
-                async with aclosing(_folded(copy_task_streams(reader), count)) as folded:
-                    tasks = await _copy_tasks(writer, NEW_TABLE, folded)
+                folded = _folded(copy_task_streams(reader), count)
+                tasks = await _copy_tasks(writer, NEW_TABLE, folded)
                 await reader.rollback()
                 await _copy_indexes(writer)
                 # The catch-ups find the new events through the BRIN index on position. Make
