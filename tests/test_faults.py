@@ -138,8 +138,8 @@ def test_a_database_that_hangs_answers_503_after_the_request_timeout(
     own_postgres: Any, tmp_path: Path
 ) -> None:
     """A database that neither answers nor refuses (every PostgreSQL process stopped with
-    SIGSTOP) holds no request for ever: past TODO_REQUEST_TIMEOUT it answers 503, within
-    about 2 s more (psycopg asks the server to cancel the statement, and closes the
+    SIGSTOP) holds no request for ever: past TODO_REQUEST_TIMEOUT it answers 503, 2 to 3 s
+    later (psycopg asks the server to cancel the statement, and closes the
     connection when the request is cancelled again a second later, rather than wait up to
     10 s for the server). An answer that has begun, an event stream, is not cut."""
     url = str(own_postgres.get_uri())

@@ -244,6 +244,17 @@ def test_tasks_longer_than_a_copy_row_fold_across_their_rows(api: Any, database_
         streams = event_streams(conn, api.user)
         assert [len(streams[(api.user, uuid.UUID(t))]) for t in long_ids] == [2501, 2501]
 
+    async def lists_per_task() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            async for _, events in eventstore.copy_task_streams(conn, user_id=api.user):
+                key = str(events[0].task_id)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    # 2,501 events make 26 lists of at most 100; the single event, one.
+    assert asyncio.run(lists_per_task()) == {long_ids[0]: 26, long_ids[1]: 26, short_id: 1}
+
     summary = asyncio.run(projection.rebuild_user(database_url, api.user))
     assert (summary.events, summary.tasks) == (5003, 3)
     with psycopg.connect(database_url) as conn:
