@@ -8,6 +8,7 @@ from uuid import uuid4
 import pytest
 
 from todo_cqrs.domain import (
+    BrokenStream,
     CompleteTask,
     CreateTask,
     DeleteTask,
@@ -97,7 +98,7 @@ def test_reopen_clears_completed_at_and_delete_restore_keep_the_rest() -> None:
 
 
 def test_an_event_before_creation_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(BrokenStream, match=f"TaskRenamed before TaskCreated in task {TASK_ID}"):
         evolve(None, Recorded(TASK_ID, 1, T0, TaskRenamed(title="x")))
 
 

@@ -28,6 +28,7 @@ from helpers import (
 )
 
 from todo_cqrs import dataset, db, eventstore, projection
+from todo_cqrs.domain import BrokenStream
 
 
 def ok(response: Any, status: int = 200) -> Any:
@@ -299,7 +300,8 @@ def test_a_stream_that_cannot_be_folded_fails_the_rebuild_and_check_without_hang
     """Events that no command writes (a rename before the task's TaskCreated, written by
     hand): the rebuilds and --check stop with the fold's error, naming the task, rather than
     wait for ever on a COPY they left open (the events' or, in --check, the rows' one, which
-    is still under way halfway through 20,000 rows); the projection stays as it was."""
+    is still under way halfway through 20,000 rows); the projection stays as it was. The
+    command line says so in one line with exit status 4, for data that does not decode too."""
     url = db.create_database(server_url, "todo_cqrs_broken")
     try:
         db.migrate(url)
@@ -319,8 +321,35 @@ def test_a_stream_that_cannot_be_folded_fails_the_rebuild_and_check_without_hang
             lambda: projection.check(url),
         ):
             error = _error_within(60, run)
-            assert isinstance(error, ValueError), repr(error)
+            assert isinstance(error, BrokenStream), repr(error)
             assert str(error) == f"TaskRenamed before TaskCreated in task {task_id}"
+        # The command line says it in one line, with its own exit status, not a traceback.
+        reason = f"cannot fold the stored events: TaskRenamed before TaskCreated in task {task_id}"
+        env = service_env(DATABASE_URL=url)
+        for args, said in (
+            (("--user", user), f"rebuild: {reason}; the projection is as it was"),
+            ((), f"rebuild: {reason}; the projection is as it was"),
+            (("--check",), f"check: {reason}; nothing was written"),
+        ):
+            done = run_cli("rebuild", *args, "--quiet", env=env)
+            assert (done.returncode, done.stdout) == (4, ""), done.stderr
+            assert done.stderr == f"todo-cqrs {said}\n"
+
+        # Data that does not decode as its type: named by its task too.
+        other, other_task = "bench-user-7-undecodable", uuid.uuid4()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO events (user_id, task_id, version, type, data, occurred_at,"
+                """ schema_version) VALUES (%s, %s, 1, 'TaskCreated', '{"title": 5}', now(), 2)""",
+                (other, other_task),
+            )
+        done = run_cli("rebuild", "--user", other, "--quiet", env=env)
+        assert (done.returncode, done.stdout) == (4, ""), done.stderr
+        assert done.stderr == (
+            f"todo-cqrs rebuild: cannot fold the stored events: an event of task {other_task}"
+            " does not decode: Expected `str`, got `int` - at `$[0][3].title`;"
+            " the projection is as it was\n"
+        )
         with psycopg.connect(url) as conn:
             assert projection_rows(conn) == before
     finally:

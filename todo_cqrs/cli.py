@@ -15,6 +15,7 @@ import psycopg
 
 from todo_cqrs import auth, db, projection
 from todo_cqrs.config import Settings
+from todo_cqrs.domain import BrokenStream
 
 
 def database_url(settings: Settings, quiet: bool = False) -> str:
@@ -184,6 +185,13 @@ def rebuild(args: argparse.Namespace, settings: Settings) -> int:
         progress.close()
         print(f"todo-cqrs {label}: {busy}", file=sys.stderr)
         return 3
+    except BrokenStream as broken:  # the events need repair by hand; a traceback would not help
+        progress.close()
+        left = "nothing was written" if args.check else "the projection is as it was"
+        print(
+            f"todo-cqrs {label}: cannot fold the stored events: {broken}; {left}", file=sys.stderr
+        )
+        return 4
     seconds = progress.close()
     rate = progress.done / seconds if seconds > 0 else 0.0
     if args.check:

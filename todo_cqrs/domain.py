@@ -213,6 +213,11 @@ class TaskNotDeleted(Exception):
     """A restore of a task that is not deleted."""
 
 
+class BrokenStream(ValueError):
+    """Stored events that no command writes (edited by hand, say): an event before its task's
+    TaskCreated, or data that does not decode as its event type."""
+
+
 # --- validation ---------------------------------------------------------------------------
 
 # The fields a request body may carry, in the contract's order, with their JSON types.
@@ -376,7 +381,7 @@ def evolve(state: Task | None, recorded: Recorded) -> Task:
             completed_at=None,
         )
     if state is None:
-        raise ValueError(f"{event_type(event)} before TaskCreated in task {recorded.task_id}")
+        raise BrokenStream(f"{event_type(event)} before TaskCreated in task {recorded.task_id}")
     state = replace(state, version=recorded.version, updated_at=at)
     if isinstance(event, TaskRenamed):
         return replace(state, title=event.title)

@@ -13,7 +13,7 @@ from uuid import UUID
 import msgspec
 import psycopg
 
-from todo_cqrs.domain import EVENT_TYPES, Event, Recorded, event_data, event_type
+from todo_cqrs.domain import EVENT_TYPES, BrokenStream, Event, Recorded, event_data, event_type
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -306,18 +306,22 @@ async def copy_task_streams(
     async with conn.cursor() as cur, cur.copy(query, params) as copy:
         copy.set_types(["text", "text", "bool"])
         async for user, stream, current in copy.rows():
-            if current:
-                yield user, _CURRENT_STREAM.decode(stream)
-            else:
-                yield (
-                    user,
-                    [
+            try:
+                if current:
+                    events = _CURRENT_STREAM.decode(stream)
+                else:
+                    events = [
                         Recorded(
                             task_id, version, at, upcast(data.pop("type"), data, schema_version)
                         )
                         for task_id, version, at, data, schema_version in _OLD_STREAM.decode(stream)
-                    ],
-                )
+                    ]
+            except (msgspec.DecodeError, KeyError) as error:
+                # The row is the server's own JSON: its first event names the task.
+                task = msgspec.json.decode(stream)[0][0]
+                what = f"unknown type {error}" if isinstance(error, KeyError) else str(error)
+                raise BrokenStream(f"an event of task {task} does not decode: {what}") from error
+            yield user, events
 
 
 class NewEventSignal:
