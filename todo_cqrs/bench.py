@@ -43,7 +43,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from todo_cqrs import __version__, auth, commands, db, eventstore, projection, queries
-from todo_cqrs.config import Settings
+from todo_cqrs.config import POOL_MAX, Settings
 
 REPORT = Path("BENCHMARKS.md")
 
@@ -396,7 +396,7 @@ def _service_env(**extra: str) -> dict[str, str]:
 def _pool_max() -> str:
     """The service's pool size under the benchmark: the caller's TODO_POOL_MAX (the one
     setting of the service's that passes through), else the service's default."""
-    return os.environ.get("TODO_POOL_MAX", "10")
+    return os.environ.get("TODO_POOL_MAX", str(POOL_MAX))
 
 
 def _answers(url: str) -> bool:

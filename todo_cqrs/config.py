@@ -49,7 +49,9 @@ class Settings:
         naming the variable (`todo-cqrs` says it in one line, with exit status 2)."""
         env = os.environ
         pool_min = _setting("TODO_POOL_MIN", "2", int, "a whole number, 0 or more", _at_least(0))
-        pool_max = _setting("TODO_POOL_MAX", "10", int, "a whole number, 1 or more", _at_least(1))
+        pool_max = _setting(
+            "TODO_POOL_MAX", str(POOL_MAX), int, "a whole number, 1 or more", _at_least(1)
+        )
         if pool_min > pool_max:
             raise ValueError(f"TODO_POOL_MIN ({pool_min}) is above TODO_POOL_MAX ({pool_max})")
         jwt_secret = env.get("TODO_JWT_SECRET") or None
@@ -147,6 +149,11 @@ class Settings:
 
 
 MIN_SECRET_BYTES = 32
+# Connections per worker. A worker is one thread, and a few queries in flight keep it busy;
+# more only queue inside PostgreSQL, where they cost its CPU time in switching and contention.
+# On the benchmark's 2-core machine, 5 beat 10 in 11 of 12 interleaved comparisons (up to
+# +38% requests/s, a lower p99), and 16 did worse than 10 (BENCHMARKS.md, session 10).
+POOL_MAX = 5
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 T = TypeVar("T")
