@@ -350,6 +350,20 @@ def test_a_stream_that_cannot_be_folded_fails_the_rebuild_and_check_without_hang
             " does not decode: Expected `str`, got `int` - at `$[0][3].title`;"
             " the projection is as it was\n"
         )
+        # And a type that no version of the service wrote.
+        third, third_task = "bench-user-8-unknown-type", uuid.uuid4()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO events (user_id, task_id, version, type, data, occurred_at)"
+                " VALUES (%s, %s, 1, 'TaskExploded', '{}', now())",
+                (third, third_task),
+            )
+        done = run_cli("rebuild", "--user", third, "--quiet", env=env)
+        assert (done.returncode, done.stdout) == (4, ""), done.stderr
+        assert done.stderr == (
+            f"todo-cqrs rebuild: cannot fold the stored events: an event of task {third_task}"
+            " does not decode: unknown type 'TaskExploded'; the projection is as it was\n"
+        )
         with psycopg.connect(url) as conn:
             assert projection_rows(conn) == before
     finally:
