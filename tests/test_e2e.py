@@ -601,7 +601,7 @@ def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
          " got 'inf'"),
         ("TODO_LOG_LEVEL", "LOUD", "TODO_LOG_LEVEL: expected one of DEBUG, INFO, WARNING, ERROR,"
          " CRITICAL; got 'LOUD'"),
-        ("TODO_POOL_MIN", "20", "TODO_POOL_MIN (20) is above TODO_POOL_MAX (5)"),
+        ("TODO_POOL_MIN", "20", "TODO_POOL_MIN (20) is above TODO_POOL_MAX (10)"),
         ("TODO_POOL_MAX", "abc", "TODO_POOL_MAX: expected a whole number, 1 or more; got 'abc'"),
         ("TODO_POOL_TIMEOUT", "nan", "TODO_POOL_TIMEOUT: expected seconds, more than 0;"
          " got 'nan'"),

@@ -149,11 +149,12 @@ class Settings:
 
 
 MIN_SECRET_BYTES = 32
-# Connections per worker. A worker is one thread, and a few queries in flight keep it busy;
-# more only queue inside PostgreSQL, where they cost its CPU time in switching and contention.
-# On the benchmark's 2-core machine, 5 beat 10 in 11 of 12 interleaved comparisons (up to
-# +38% requests/s, a lower p99), and 16 did worse than 10 (BENCHMARKS.md, session 10).
-POOL_MAX = 5
+# Connections per worker. Reads keep a worker's one thread busy with a few in flight; a
+# command's commit waits on the WAL flush, and commands in flight together can share one
+# flush. On the benchmark's 2-core machine 10 beat 5 by 16-35% on create, with reads mixed
+# (get up to 7% better with 5, list up to 22% better with 10); only with the CPU starved
+# (the same machine at half speed) did 5 win (BENCHMARKS.md, session 10).
+POOL_MAX = 10
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 T = TypeVar("T")
