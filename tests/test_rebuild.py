@@ -335,35 +335,26 @@ def test_a_stream_that_cannot_be_folded_fails_the_rebuild_and_check_without_hang
             assert (done.returncode, done.stdout) == (4, ""), done.stderr
             assert done.stderr == f"todo-cqrs {said}\n"
 
-        # Data that does not decode as its type: named by its task too.
-        other, other_task = "bench-user-7-undecodable", uuid.uuid4()
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO events (user_id, task_id, version, type, data, occurred_at,"
-                """ schema_version) VALUES (%s, %s, 1, 'TaskCreated', '{"title": 5}', now(), 2)""",
-                (other, other_task),
+        # Data that does not decode as its type, and a type that no version of the service
+        # wrote: each named by its task too.
+        for other, kind, data, schema_version, what in (
+            ("bench-user-7-undecodable", "TaskCreated", '{"title": 5}', 2,
+             "Expected `str`, got `int` - at `$[0][3].title`"),
+            ("bench-user-8-unknown-type", "TaskExploded", "{}", 1, "unknown type 'TaskExploded'"),
+        ):  # fmt: skip
+            other_task = uuid.uuid4()
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(
+                    "INSERT INTO events (user_id, task_id, version, type, data, occurred_at,"
+                    " schema_version) VALUES (%s, %s, 1, %s, %s, now(), %s)",
+                    (other, other_task, kind, data, schema_version),
+                )
+            done = run_cli("rebuild", "--user", other, "--quiet", env=env)
+            assert (done.returncode, done.stdout) == (4, ""), done.stderr
+            assert done.stderr == (
+                f"todo-cqrs rebuild: cannot fold the stored events: an event of task"
+                f" {other_task} does not decode: {what}; the projection is as it was\n"
             )
-        done = run_cli("rebuild", "--user", other, "--quiet", env=env)
-        assert (done.returncode, done.stdout) == (4, ""), done.stderr
-        assert done.stderr == (
-            f"todo-cqrs rebuild: cannot fold the stored events: an event of task {other_task}"
-            " does not decode: Expected `str`, got `int` - at `$[0][3].title`;"
-            " the projection is as it was\n"
-        )
-        # And a type that no version of the service wrote.
-        third, third_task = "bench-user-8-unknown-type", uuid.uuid4()
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO events (user_id, task_id, version, type, data, occurred_at)"
-                " VALUES (%s, %s, 1, 'TaskExploded', '{}', now())",
-                (third, third_task),
-            )
-        done = run_cli("rebuild", "--user", third, "--quiet", env=env)
-        assert (done.returncode, done.stdout) == (4, ""), done.stderr
-        assert done.stderr == (
-            f"todo-cqrs rebuild: cannot fold the stored events: an event of task {third_task}"
-            " does not decode: unknown type 'TaskExploded'; the projection is as it was\n"
-        )
         with psycopg.connect(url) as conn:
             assert projection_rows(conn) == before
     finally:
