@@ -172,6 +172,7 @@ COMMAND_KINDS = frozenset({"create", "patch"})
 _LUA = r"""-- Written by todo_cqrs/bench.py for one scenario of `nox -s bench`.
 local targets_path = "@TARGETS@"
 local weights = {@WEIGHTS@}
+local thread_rate = @RATE@  -- requests/s of each thread; 0: as fast as the connections go
 local targets = {}
 local kinds = {}
 local sent = 0
@@ -195,6 +196,27 @@ function init(args)
     end
   end
   math.randomseed(os.time() + 7919 * (thread_no or 0))
+end
+
+if thread_rate > 0 then
+  -- Paced: the thread's requests start on a Poisson schedule of thread_rate a second, each
+  -- on whichever of its connections is free. Latency is measured from the send, so a
+  -- schedule that falls behind (every connection busy) shows in the rate, not the latency.
+  local ffi = require("ffi")
+  ffi.cdef[[
+    typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+    int clock_gettime(int clock_id, bench_timespec *tp);
+  ]]
+  local now_ts = ffi.new("bench_timespec")
+  local next_ms = nil
+
+  function delay()
+    ffi.C.clock_gettime(1, now_ts)  -- CLOCK_MONOTONIC
+    local now = tonumber(now_ts.tv_sec) * 1000 + tonumber(now_ts.tv_nsec) / 1e6
+    local gap = -math.log(1 - math.random()) * 1000 / thread_rate
+    next_ms = math.max(now, (next_ms or now) + gap)
+    return next_ms - now
+  end
 end
 
 function request()
@@ -331,6 +353,7 @@ class Options:
     targets: int
     smoke: bool
     log_level: str
+    rate: int = 0  # requests/s of the paced runs after the others; 0: none
     only: list[str] = field(default_factory=list)  # some scenarios, not all (no report)
 
 
@@ -374,6 +397,7 @@ class Run:
     options: Options
     data: DataSet
     scenarios: list[Scenario] = field(default_factory=list)
+    paced: list[Scenario] = field(default_factory=list)  # each scenario at options.rate
     pgbench: dict[str, PgbenchResult] = field(default_factory=dict)
     worker_rss_mb: list[float] = field(default_factory=list)
     floor: dict[str, Scenario] = field(default_factory=dict)  # FloorApp's get and list
@@ -678,12 +702,23 @@ def data_set(url: str, how: str) -> DataSet:
 
 
 def run_wrk(
-    name: str, base_url: str, folder: Path, targets_path: Path, options: Options, seconds: int
+    name: str,
+    base_url: str,
+    folder: Path,
+    targets_path: Path,
+    options: Options,
+    seconds: int,
+    rate: int = 0,
 ) -> Scenario:
+    """One scenario under wrk: as fast as the connections go, or `rate` requests/s in all."""
     weights = ", ".join(f'{{"{kind}", {share}}}' for kind, share in SCENARIOS[name].items())
     # One file per target: two wrk runs at once (--scale-out) must not rewrite each other's.
     script = folder / f"{name}-{base_url.rsplit(':', 1)[-1]}.lua"
-    script.write_text(_LUA.replace("@TARGETS@", str(targets_path)).replace("@WEIGHTS@", weights))
+    script.write_text(
+        _LUA.replace("@TARGETS@", str(targets_path))
+        .replace("@WEIGHTS@", weights)
+        .replace("@RATE@", repr(rate / options.threads))
+    )
     done = subprocess.run(
         ["wrk", "-t", str(options.threads), "-c", str(options.connections),
          "-d", f"{seconds}s", "--timeout", "10s", "-s", str(script), base_url],
@@ -742,6 +777,14 @@ def run_pgbench(name: str, url: str, script: Path, options: Options) -> PgbenchR
         else float("nan"),
         failed=int(failed.group(1)) if failed else 0,
         transactions=int(processed.group(1)) if processed else 0,
+    )
+
+
+def _summary(s: Scenario) -> str:
+    return (
+        f"{s.rate:8,.0f} requests/s  p50 {s.p50_ms:6.1f} ms  p95 {s.p95_ms:6.1f} ms"
+        f"  p99 {s.p99_ms:6.1f} ms  errors {s.errors}"
+        + (f" ({s.error_detail})" if s.errors else "")
     )
 
 
@@ -817,14 +860,19 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
     for name in options.only or SCENARIOS:
         scenario = run_wrk(name, serve.url, folder, targets_path, options, options.duration)
         run.scenarios.append(scenario)
-        print(
-            f"{name:>8}: {scenario.rate:8,.0f} requests/s  p50 {scenario.p50_ms:6.1f} ms"
-            f"  p95 {scenario.p95_ms:6.1f} ms  p99 {scenario.p99_ms:6.1f} ms"
-            f"  errors {scenario.errors}{f' ({scenario.error_detail})' if scenario.errors else ''}",
-            flush=True,
-        )
+        print(f"{name:>8}: {_summary(scenario)}", flush=True)
         if serve.process.poll() is not None:
             raise RuntimeError(f"serve exited during {name}:\n{serve.tail()}")
+    if options.rate:
+        print(f"paced: each scenario at {options.rate:,} requests/s", flush=True)
+    for name in (options.only or SCENARIOS) if options.rate else ():
+        scenario = run_wrk(
+            name, serve.url, folder, targets_path, options, options.duration, options.rate
+        )
+        run.paced.append(scenario)
+        print(f"{name:>8}: {_summary(scenario)}", flush=True)
+        if serve.process.poll() is not None:
+            raise RuntimeError(f"serve exited during {name} (paced):\n{serve.tail()}")
     run.worker_rss_mb = [w.memory_info().rss / 2**20 for w in serve.workers()]
     print("worker RSS: " + ", ".join(f"{mb:.0f} MB" for mb in run.worker_rss_mb), flush=True)
     serve.stop()  # the database alone for the floor and for pgbench
@@ -1155,6 +1203,35 @@ workers' RSS after the run: {", ".join(f"{mb:.0f} MB" for mb in run.floor_rss_mb
         f"{name} {f.rate / ceiling(run, name):.0%}" for name, f in run.floor.items()
     )
     pgbench_p99 = ", ".join(f"{p.name} {p.p99_ms:.1f} ms" for p in run.pgbench.values())
+    paced, plan = "", []
+    if run.paced:
+        paced_rows = [
+            f"| {s.name} | {s.rate:,.0f} | {s.p50_ms:.1f} | {s.p95_ms:.1f} | {s.p99_ms:.1f}"
+            f" | {s.errors}{f' ({s.error_detail})' if s.errors else ''} |"
+            for s in run.paced
+        ]
+        paced = f"""
+Paced: each scenario again at {o.rate:,} requests/s on the same {o.connections} connections,
+for {o.duration} s. Each wrk thread starts its requests on a Poisson schedule (wrk's `delay`)
+on whichever connection is free; latency counts from each request's send. A rate the service
+cannot keep shows as fewer requests/s, not as latency.
+
+| scenario | requests/s | p50 | p95 | p99 | errors |
+| --- | --- | --- | --- | --- | --- |
+{chr(10).join(paced_rows)}
+"""
+        worst_p95 = max(run.paced, key=lambda s: s.p95_ms)
+        worst_paced = max(run.paced, key=lambda s: s.p99_ms)
+        behind = [s.name for s in run.paced if s.rate < 0.95 * o.rate]
+        kept = f"not kept (5% short or more) in {', '.join(behind)}" if behind else "kept"
+        paced_errors = sum(s.errors for s in run.paced)
+        plan.append(
+            f"- The users' plan, 1,000 requests/s with p95 under 200 ms (the paced runs, at"
+            f" {o.rate:,} requests/s): the rate {kept}; the worst p95 is {worst_p95.name}"
+            f" at {worst_p95.p95_ms:.1f} ms, the worst p99 {worst_paced.name}"
+            f" at {worst_paced.p99_ms:.1f} ms; {paced_errors} errors: "
+            + verdict(o.rate >= 1000 and not behind and worst_p95.p95_ms < 200 and not paced_errors)
+        )
     targets = "\n".join(
         [
             f"- Zero errors: {error_total} in all: {verdict(error_total == 0)}",
@@ -1167,6 +1244,7 @@ workers' RSS after the run: {", ".join(f"{mb:.0f} MB" for mb in run.floor_rss_mb
             f"- RSS under 80 MB per worker: {rss}: "
             + verdict(all(mb < 80 for mb in run.worker_rss_mb)),
             *against_small,
+            *plan,
         ]
     )
     plans = ""
@@ -1194,7 +1272,7 @@ workers' RSS after the run: {", ".join(f"{mb:.0f} MB" for mb in run.floor_rss_mb
 | scenario | requests/s | p50 | p95 | p99 | errors | DB ceiling (tps) | share of it |
 | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
-
+{paced}
 The ceiling: `pgbench -M prepared -c {o.connections} -j 2 -T {o.duration}` straight at the same
 database (the service stopped), running the statements that the service sends: `command` is a
 PATCH that renames a task (the row read; one statement with the user's advisory lock, the
@@ -1240,6 +1318,7 @@ def api_main(args: argparse.Namespace) -> None:
         smoke=args.smoke,
         log_level=args.log_level,
         only=args.only.split(",") if args.only else [],
+        rate=args.rate if args.rate is not None else (0 if args.only else 1000),
     )
     for tool in ("wrk", "pgbench"):
         if shutil.which(tool) is None:
@@ -1298,6 +1377,12 @@ def main() -> None:
         help="one and two service hosts, with and without a streaming replica for queries",
     )
     p.add_argument("--log-level", default="INFO", help="TODO_LOG_LEVEL of serve (default INFO)")
+    p.add_argument(
+        "--rate",
+        type=int,
+        help="then each scenario again at this many requests/s (default 1,000, the users'"
+        " plan; with --only 0); 0: no paced runs",
+    )
     p = sub.add_parser("instructions", help="instructions per request, counted by callgrind")
     p.add_argument("--requests", type=int, default=100, help="of each kind (default 100)")
     args = parser.parse_args()
