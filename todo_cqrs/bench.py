@@ -888,7 +888,7 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
         print(f"the floor (a bare ASGI app), {name}: {run.floor[name].rate:,.0f} requests/s")
     run.floor_rss_mb = [w.memory_info().rss / 2**20 for w in floor.workers()]
     floor.stop()
-    if any(s.errors for s in run.scenarios):
+    if any(s.errors for s in [*run.scenarios, *run.paced]):
         print(f"(some requests failed; the service's log is {serve.log_path})", flush=True)
     for name, text in pgbench_scripts(len(targets)).items():
         script = folder / f"pgbench-{name}.sql"
@@ -1159,7 +1159,7 @@ def report(run: Run) -> str:
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**not met**"
 
-    error_total = sum(s.errors for s in run.scenarios)
+    error_total = sum(s.errors for s in [*run.scenarios, *run.paced])  # the paced runs too
     worst_p99 = max(run.scenarios, key=lambda s: s.p99_ms)
 
     def ratio_line(names: tuple[str, ...], script: str, target: float) -> str:
@@ -1220,18 +1220,29 @@ cannot keep shows as fewer requests/s, not as latency.
 | --- | --- | --- | --- | --- | --- |
 {chr(10).join(paced_rows)}
 """
-        worst_p95 = max(run.paced, key=lambda s: s.p95_ms)
+        # The plan is for a service's whole traffic, which the mixed scenario stands for;
+        # the others paced alone show which kind of request gives out first.
+        behind = [f"{s.name} ({s.rate:,.0f})" for s in run.paced if s.rate < 0.95 * o.rate]
         worst_paced = max(run.paced, key=lambda s: s.p99_ms)
-        behind = [s.name for s in run.paced if s.rate < 0.95 * o.rate]
-        kept = f"not kept (5% short or more) in {', '.join(behind)}" if behind else "kept"
-        paced_errors = sum(s.errors for s in run.paced)
-        plan.append(
-            f"- The users' plan, 1,000 requests/s with p95 under 200 ms (the paced runs, at"
-            f" {o.rate:,} requests/s): the rate {kept}; the worst p95 is {worst_p95.name}"
-            f" at {worst_p95.p95_ms:.1f} ms, the worst p99 {worst_paced.name}"
-            f" at {worst_paced.p99_ms:.1f} ms; {paced_errors} errors: "
-            + verdict(o.rate >= 1000 and not behind and worst_p95.p95_ms < 200 and not paced_errors)
-        )
+        alone = (
+            f"each scenario alone at that rate: kept by all but {', '.join(behind)}"
+            if behind
+            else "each scenario alone kept that rate"
+        ) + f", the worst p99 {worst_paced.name} at {worst_paced.p99_ms:.1f} ms"
+        mixed = next((s for s in run.paced if s.name == "mixed"), None)
+        if mixed is not None:
+            met = (
+                o.rate >= 1000
+                and mixed.rate >= 0.95 * o.rate
+                and mixed.p95_ms < 200
+                and not mixed.errors
+            )
+            plan.append(
+                f"- The users' plan (issue 6's opening: 1,000 requests/s, p95 under 200 ms), as"
+                f" the mixed scenario paced at {o.rate:,} requests/s: {mixed.rate:,.0f}"
+                f" requests/s, p95 {mixed.p95_ms:.1f} ms, p99 {mixed.p99_ms:.1f} ms,"
+                f" {mixed.errors} errors: {verdict(met)} ({alone})"
+            )
     targets = "\n".join(
         [
             f"- Zero errors: {error_total} in all: {verdict(error_total == 0)}",
