@@ -516,7 +516,8 @@ def schema_of(url: str) -> tuple[list[str], list[str]]:
             r[0]
             for r in conn.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
-                " AND table_name IN ('events', 'tasks', 'idempotency_keys') ORDER BY 1"
+                " AND table_name IN ('events', 'tasks', 'idempotency_keys', 'event_listeners')"
+                " ORDER BY 1"
             )
         ]
     return applied, tables
@@ -533,7 +534,10 @@ def test_migrate_twice(new_database: Callable[[], str]) -> None:
     assert (first.returncode, first.stdout) == (0, ALL_APPLIED), first.stderr
     second = run_cli("migrate", env=env)
     assert (second.returncode, second.stdout) == (0, NONE_PENDING), second.stderr
-    assert schema_of(url) == (db.migration_ids(), ["events", "idempotency_keys", "tasks"])
+    assert schema_of(url) == (
+        db.migration_ids(),
+        ["event_listeners", "events", "idempotency_keys", "tasks"],
+    )
 
 
 def test_migrations_roll_back_and_apply_again(new_database: Callable[[], str]) -> None:
@@ -550,6 +554,7 @@ def test_migrations_roll_back_and_apply_again(new_database: Callable[[], str]) -
         "0003.task-body",
         "0004.task-title-casefolded",
         "0005.events-data-bytes",
+        "0006.event-listeners",
     ]
     backend = get_backend(db.yoyo_url(url))
     migrations = read_migrations(str(db.migrations_dir()))
@@ -562,7 +567,10 @@ def test_migrations_roll_back_and_apply_again(new_database: Callable[[], str]) -
         index = conn.execute("SELECT to_regclass('events_position_brin')").fetchone()
     assert index == (None,)
     assert db.migrate(url) == db.migration_ids()[1:]
-    assert schema_of(url) == (db.migration_ids(), ["events", "idempotency_keys", "tasks"])
+    assert schema_of(url) == (
+        db.migration_ids(),
+        ["event_listeners", "events", "idempotency_keys", "tasks"],
+    )
 
 
 def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
@@ -574,8 +582,8 @@ def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
         assert result.returncode == 2, result.stderr
         assert result.stderr.endswith(
             ": the database lacks migrations 0001.initial, 0002.events-position-index,"
-            " 0003.task-body, 0004.task-title-casefolded, 0005.events-data-bytes;"
-            " run `todo-cqrs migrate`\n"
+            " 0003.task-body, 0004.task-title-casefolded, 0005.events-data-bytes,"
+            " 0006.event-listeners; run `todo-cqrs migrate`\n"
         ), result.stderr
         assert "Traceback" not in result.stderr
     result = run_cli("rebuild", "--check", "--user", "alice", env=env)
@@ -699,7 +707,10 @@ def test_migrate_from_several_processes_at_once(new_database: Callable[[], str])
                 process.wait(10)
     assert [code for code, _, _ in outcomes] == [0] * 6, outcomes
     assert sorted(out for _, out, _ in outcomes) == sorted([ALL_APPLIED] + [NONE_PENDING] * 5)
-    assert schema_of(url) == (db.migration_ids(), ["events", "idempotency_keys", "tasks"])
+    assert schema_of(url) == (
+        db.migration_ids(),
+        ["event_listeners", "events", "idempotency_keys", "tasks"],
+    )
 
 
 def test_serve_answers_ready_on_a_database_it_migrated(
@@ -723,4 +734,7 @@ def test_serve_answers_ready_on_a_database_it_migrated(
     assert [(e["message"], e["method"], e["path"], e["status"]) for e in mine] == [
         ("request", "GET", "/ready", 200)
     ]
-    assert schema_of(url) == (db.migration_ids(), ["events", "idempotency_keys", "tasks"])
+    assert schema_of(url) == (
+        db.migration_ids(),
+        ["event_listeners", "events", "idempotency_keys", "tasks"],
+    )

@@ -487,16 +487,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`todo-cqrs serve --workers 2` on a free loopback port, heartbeat every 0.5 s."""
-    folder: Path = tmp_path_factory.mktemp("serve")
+@contextlib.contextmanager
+def _serve(database_url: str, folder: Path, heartbeat: float) -> Iterator[str]:
+    """`todo-cqrs serve --workers 2` on a free loopback port; its base URL."""
     (folder / "metrics").mkdir()
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
         "TODO_JWT_SECRET": JWT_SECRET,
-        "TODO_SSE_HEARTBEAT": "0.5",
+        "TODO_SSE_HEARTBEAT": str(heartbeat),
         "TODO_LOG_LEVEL": "WARNING",
         "TODO_DATA_DIR": str(folder / "data"),
         "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"),
@@ -526,6 +525,21 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             yield base
         finally:
             _stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The service with a heartbeat every 0.5 s."""
+    with _serve(database_url, tmp_path_factory.mktemp("serve"), 0.5) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def quiet_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The service with a heartbeat every 15 s (the most it takes): what its streams
+    deliver sooner, a notification woke them for."""
+    with _serve(database_url, tmp_path_factory.mktemp("serve"), 15) as base:
+        yield base
 
 
 def _client(base: str, user: str) -> httpx.Client:
@@ -876,6 +890,97 @@ def test_stream_shows_only_the_users_own_events(server: str) -> None:
         assert [e["data"]["title"] for e in alice_seen] == ["alice"]
         assert bob_seen == _feed_of(as_bob)
         assert [e["data"]["title"] for e in bob_seen] == ["bob 0", "bob 1", "bob 2"]
+
+
+def _until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.05)
+
+
+def _registered(database_url: str, user: str) -> int:
+    """How many processes have the user registered for notifications (live rows)."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM event_listeners WHERE user_id = %s AND expires_at > now()",
+            (user,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_stream_is_woken_by_its_users_commands_while_open_and_forgotten_after(
+    quiet_server: str, database_url: str
+) -> None:
+    """With a 15 s heartbeat, events that arrive within 5 s came by notification: the
+    stream's process registered its user, and commands of that user notify."""
+    user = _new_user()
+    with _client(quiet_server, user) as http:
+        with _stream(http) as response:
+            sse = SSE(response, 5)
+            _until(lambda: _registered(database_url, user) == 1, 5, "the stream registers")
+            with _client(quiet_server, user) as writer:  # any worker: the other one, often
+                task_id = writer.post("/tasks", json={"title": "woken"}).json()["id"]
+                writer.patch(f"/tasks/{task_id}", json={"title": "woken again"})
+            events = _events_of(sse.events(2))
+        assert [e["data"]["title"] for e in events] == ["woken", "woken again"]
+        _until(lambda: _registered(database_url, user) == 0, 5, "the closed stream's user goes")
+
+
+def _notifications(conn: psycopg.Connection[Any]) -> list[str]:
+    """The payloads delivered to a LISTEN connection so far (0.2 s after the last one)."""
+    return [note.payload for note in conn.notifies(timeout=0.2)]
+
+
+def test_commands_notify_only_users_that_a_live_registration_names(
+    server: str, database_url: str
+) -> None:
+    listened, unheard, expired = _new_user(), _new_user(), _new_user()
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {eventstore.CHANNEL}")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO event_listeners (user_id, listener, expires_at) VALUES"
+                " (%s, 'test', now() + interval '1 minute'), (%s, 'test', now() - interval '1 s')",
+                (listened, expired),
+            )
+        for user in (unheard, expired, listened, unheard):
+            with _client(server, user) as http:
+                assert http.post("/tasks", json={"title": "said"}).status_code == 201
+        # Notifications are delivered at commit, before the answer: all that come, came.
+        assert _notifications(listener) == [listened]
+
+
+def test_a_stream_reads_after_a_command_that_did_not_see_it_register(
+    quiet_server: str, database_url: str
+) -> None:
+    """A command that found no registration (here: events written under the user's lock,
+    without a NOTIFY) and commits while the stream registers: the stream's first read waits
+    for that commit, so the events come at once, not a heartbeat (15 s) later."""
+    user = _new_user()
+    with _client(quiet_server, user) as http, psycopg.connect(database_url) as command:
+        command.execute(eventstore.LOCK_USER, {"user_id": user})
+        command.execute(
+            "INSERT INTO events (user_id, task_id, version, type, data, occurred_at)"
+            " VALUES (%s, %s, 1, 'TaskCreated', %s, now())",
+            (user, uuid.uuid4(), '{"title": "in flight", "description": "",'
+             ' "priority": "medium", "due_date": null, "tags": []}'),
+        )  # fmt: skip
+        with _stream(http) as response:
+            sse = SSE(response, 5)
+
+            def registration_waits() -> bool:
+                with psycopg.connect(database_url) as conn:
+                    row = conn.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    ).fetchone()
+                return row == (1,)
+
+            _until(registration_waits, 5, "the stream's registration waits on the user's lock")
+            command.commit()
+            events = _events_of(sse.events(1))
+        assert [e["data"]["title"] for e in events] == ["in flight"]
 
 
 def test_stream_goes_on_past_a_page_cut_by_its_bytes(server: str) -> None:

@@ -100,7 +100,7 @@ def test_every_key_of_every_table_starts_with_user_id(database_url: str) -> None
             " AND c.conrelid::regclass::text = ANY(%s)",
             (tables,),
         ).fetchall()
-    assert tables == ["events", "idempotency_keys", "tasks"]
+    assert tables == ["event_listeners", "events", "idempotency_keys", "tasks"]
     assert {table for table, _, kind, _ in keys if kind == "p"} == set(tables)
     for table, name, _, columns in keys:
         assert columns[0] == "user_id", f"{table}.{name} is keyed by {columns}"
@@ -108,14 +108,16 @@ def test_every_key_of_every_table_starts_with_user_id(database_url: str) -> None
 
 def test_the_citus_script_distributes_every_table() -> None:
     script = (Path(__file__).parent.parent / "sql" / "citus" / "distribute.sql").read_text()
-    for table in ("events", "tasks", "idempotency_keys"):
+    for table in ("events", "tasks", "idempotency_keys", "event_listeners"):
         assert f"create_distributed_table('{table}', 'user_id'" in script
 
 
 # --- every statement on a user's data filters by user_id ------------------------------------
 
 PACKAGE = Path(__file__).parent.parent / "todo_cqrs"
-USER_TABLES = r"(?:events|tasks|idempotency_keys|tasks_rebuild|\{table\}|\{NEW_TABLE\})"
+USER_TABLES = (
+    r"(?:events|tasks|idempotency_keys|event_listeners|tasks_rebuild|\{table\}|\{NEW_TABLE\})"
+)
 _STATEMENT = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH|COPY)\b")
 _ON_USER_TABLE = re.compile(rf"\b(?:FROM|INTO|UPDATE|JOIN|COPY)\s+{USER_TABLES}(?!\w)")
 _USER_FILTER = re.compile(r"\bWHERE\b.*\buser_id\s*=", re.S)
@@ -131,6 +133,8 @@ ALL_USERS = {
     "COPY (SELECT user_id, {TASK_COLUMNS}, body, title_casefolded FROM tasks": "--check reads"
     " the whole projection",
     "DELETE FROM idempotency_keys WHERE created_at <": "the hourly prune of answers past 24 h",
+    "DELETE FROM event_listeners WHERE expires_at <": "the hourly prune of stream registrations"
+    " of processes that died",
     "SELECT count(*) FROM events": "the rebuild's progress bar total; the benchmark's size",
     "SELECT count(DISTINCT user_id), count(*) FROM tasks": "the benchmark's data set size",
     "FROM tasks WHERE NOT deleted ORDER BY random()": "the benchmark picks its targets",

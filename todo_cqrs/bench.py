@@ -253,11 +253,11 @@ end
 
 # The SQL of one PATCH that renames a task, as commands.execute sends it without an
 # Idempotency-Key and without a replica: projection.load_task; commands._RECORD (the lock,
-# the row, the event and pg_notify in one statement). The first statement is the harness's: it
-# picks a random seeded task and computes what the service computes in Python (the new
-# title, the task's JSON after the rename, as msgspec writes it, so that the row's body stays
-# what `rebuild --check` expects; the title case-folded, which for this lower-case title is
-# the title itself; the event's JSON); reading the row there too adds one
+# the row, the event and the NOTIFY check in one statement). The first statement is the
+# harness's: it picks a random seeded task and computes what the service computes in Python
+# (the new title, the task's JSON after the rename, as msgspec writes it, so that the row's
+# body stays what `rebuild --check` expects; the title case-folded, which for this lower-case
+# title is the title itself; the event's JSON); reading the row there too adds one
 # primary-key read per transaction to the harness's side. (`#` stands for `:` in the time
 # format, where pgbench would take `:MI` for a variable.)
 _PGBENCH_COMMAND = """\\set n random(1, @TARGETS@)
@@ -1287,11 +1287,12 @@ cannot keep shows as fewer requests/s, not as latency.
 The ceiling: `pgbench -M prepared -c {o.connections} -j 2 -T {o.duration}` straight at the same
 database (the service stopped), running the statements that the service sends: `command` is a
 PATCH that renames a task (the row read; one statement with the user's advisory lock, the
-projection upsert over the version read, the event insert and pg_notify), `list` is the list
-query (LIMIT 51). Each transaction first picks a random target from `bench_targets` (for a
-command it also reads the row and builds the JSON that the service builds in Python), so the
-ceiling is a little lower than the statements' alone. Commands are compared with the command
-script, reads with the list script, mixed with their 20/80 blend.
+projection upsert over the version read, the event insert and the NOTIFY check, which finds
+no stream), `list` is the list query (LIMIT 51). Each transaction first picks a random
+target from `bench_targets` (for a command it also reads the row and builds the JSON that the
+service builds in Python), so the ceiling is a little lower than the statements' alone.
+Commands are compared with the command script, reads with the list script, mixed with their
+20/80 blend.
 
 | pgbench script | tps | latency average (ms) | p99 (ms) | failed |
 | --- | --- | --- | --- | --- |

@@ -53,13 +53,14 @@ Conn = psycopg.AsyncConnection[Any]
 _encode = msgspec.json.Encoder().encode
 
 # A command's outcome in one statement: the user's lock, the row (if still at the version
-# decided on), its events and the feed's NOTIFY (delivered at commit). It returns a row
-# when it wrote, none when another command changed the task first.
+# decided on), its events and the feed's NOTIFY (delivered at commit) when some process
+# streams the user's events (migration 0006). It returns a row when it wrote, none when
+# another command changed the task first.
 _RECORD = (
     f"WITH locked AS MATERIALIZED ({eventstore.LOCK_USER}),"
     f" saved AS ({projection.save_decided_task_sql(after='locked')}),"
     f" appended AS ({eventstore.append_events_sql(after='saved')})"
-    " SELECT pg_notify(%(channel)s, %(user_id)s) FROM saved"
+    " SELECT notify_event_listeners(%(channel)s, %(user_id)s) FROM saved"
 )
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from datetime import datetime
@@ -12,6 +15,7 @@ from uuid import UUID
 
 import msgspec
 import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from todo_cqrs.domain import EVENT_TYPES, BrokenStream, Event, Recorded, event_data, event_type
 
@@ -324,29 +328,96 @@ async def copy_task_streams(
             yield user, events
 
 
+# A stream's user is registered in `event_listeners` (migration 0006) for this long, and the
+# registrations of the users a process streams to are renewed every third of it.
+LISTENER_TTL = 90.0
+
+# The registration takes the user's append lock as well, and the stream reads only after it:
+# a command that held the lock before has committed by then (and the read sees its events),
+# and one that takes it after finds the row committed (and notifies).
+_REGISTER_LISTENER = (
+    "WITH registered AS (INSERT INTO event_listeners (user_id, listener, expires_at)"
+    " VALUES (%(user_id)s, %(listener)s, now() + make_interval(secs => %(ttl)s))"
+    " ON CONFLICT (user_id, listener) DO UPDATE SET expires_at = excluded.expires_at"
+    f" RETURNING user_id) {LOCK_USER} FROM registered"
+)
+_RENEW_LISTENERS = (
+    "INSERT INTO event_listeners (user_id, listener, expires_at)"
+    " SELECT user_id, %(listener)s, now() + make_interval(secs => %(ttl)s)"
+    " FROM unnest(%(users)s::text[]) AS u(user_id)"
+    " ON CONFLICT (user_id, listener) DO UPDATE SET expires_at = excluded.expires_at"
+)
+_FORGET_LISTENER = (
+    "DELETE FROM event_listeners WHERE user_id = %(user_id)s AND listener = %(listener)s"
+)
+
+
 class NewEventSignal:
     """One LISTEN connection per process that wakes the streams waiting on a user's events.
 
     A stream subscribes, reads what is new, clears its flag and waits; a notification
     sets the flag. After the connection is lost and found again every stream is woken,
     since notifications sent in between are gone; streams re-read on each heartbeat too.
+
+    Commands notify only for users that some process streams to (`event_listeners`): each
+    process registers the users of its open streams, renews them (`renew`, from the app's
+    housekeeping) and forgets a user when its last stream here closes.
     """
 
     def __init__(self, conninfo: str) -> None:
         self.conninfo = conninfo
         self.waiting: dict[str, set[asyncio.Event]] = {}
+        self.listener = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._forgetting: set[asyncio.Task[None]] = set()
 
     def subscribe(self, user_id: str) -> asyncio.Event:
         flag = asyncio.Event()
         self.waiting.setdefault(user_id, set()).add(flag)
         return flag
 
-    def unsubscribe(self, user_id: str, flag: asyncio.Event) -> None:
+    async def register(self, pool: AsyncConnectionPool, user_id: str) -> None:
+        """Make commands notify for the user (a subscribed one); from when this returns, a
+        read of the feed sees every event of the user that was committed without notifying."""
+        try:
+            async with pool.connection() as conn:
+                await conn.execute(
+                    _REGISTER_LISTENER,
+                    {"user_id": user_id, "listener": self.listener, "ttl": LISTENER_TTL},
+                )
+        except (psycopg.Error, PoolTimeout) as error:
+            # The stream still works, a heartbeat late at worst; `renew` registers it later.
+            log.warning("event stream could not register its user: %s", error)
+
+    def unsubscribe(self, pool: AsyncConnectionPool, user_id: str, flag: asyncio.Event) -> None:
         flags = self.waiting.get(user_id)
         if flags is not None:
             flags.discard(flag)
             if not flags:
                 del self.waiting[user_id]
+                # In a task of its own: a stream ends by cancellation (its client left),
+                # and anything it awaited from here would be cancelled as well.
+                task = asyncio.get_running_loop().create_task(self._forget(pool, user_id))
+                self._forgetting.add(task)
+                task.add_done_callback(self._forgetting.discard)
+
+    async def _forget(self, pool: AsyncConnectionPool, user_id: str) -> None:
+        try:
+            async with pool.connection() as conn:
+                if user_id not in self.waiting:  # no new stream of the user meanwhile
+                    await conn.execute(
+                        _FORGET_LISTENER, {"user_id": user_id, "listener": self.listener}
+                    )
+        except (psycopg.Error, PoolTimeout) as error:
+            log.warning("could not forget a closed stream's user (it expires): %s", error)
+
+    async def renew(self, pool: AsyncConnectionPool) -> None:
+        """Renew the registrations of the users streamed to here (and make any that failed)."""
+        if self.waiting:
+            async with pool.connection() as conn:
+                await conn.execute(
+                    _RENEW_LISTENERS,
+                    {"users": list(self.waiting), "listener": self.listener, "ttl": LISTENER_TTL},
+                )
 
     def _wake_all(self) -> None:
         for flags in self.waiting.values():
@@ -368,3 +439,10 @@ class NewEventSignal:
                 log.warning("event listener lost its connection: %s", error)
             self._wake_all()
             await asyncio.sleep(1)
+
+
+async def prune_listeners(pool: AsyncConnectionPool) -> int:
+    """Forget the registrations that expired (of processes that died)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("DELETE FROM event_listeners WHERE expires_at < now()")
+        return cur.rowcount

@@ -74,7 +74,7 @@ from todo_cqrs.domain import (
     parse_command,
     text_problem,
 )
-from todo_cqrs.eventstore import NewEventSignal
+from todo_cqrs.eventstore import LISTENER_TTL, NewEventSignal, prune_listeners
 from todo_cqrs.problems import PROBLEM_JSON, Problem, ProblemBody, not_found
 from todo_cqrs.queries import EventPage, FeedPage, TaskFilters, TaskPage, TaskView
 
@@ -242,17 +242,25 @@ def _update_pool_gauges(pool: AsyncConnectionPool) -> None:
     POOL_WAITING.set(stats.get("requests_waiting", 0))
 
 
-async def _housekeeping(pool: AsyncConnectionPool) -> None:
-    """Keep the pool gauges fresh; prune old idempotency keys once an hour."""
-    pruned_at = -3600.0
+async def _housekeeping(pool: AsyncConnectionPool, signal: NewEventSignal) -> None:
+    """Keep the pool gauges fresh and the event streams' registrations alive; prune old
+    idempotency keys and expired registrations once an hour."""
+    pruned_at = renewed_at = -3600.0
     while True:
         _update_pool_gauges(pool)
+        if time.monotonic() - renewed_at >= LISTENER_TTL / 3:
+            try:
+                await signal.renew(pool)
+                renewed_at = time.monotonic()
+            except (psycopg.Error, PoolTimeout) as error:
+                log.warning("could not renew the event streams' registrations: %s", error)
         if time.monotonic() - pruned_at >= 3600:
             try:
                 await commands.prune_idempotency_keys(pool)
+                await prune_listeners(pool)
                 pruned_at = time.monotonic()
             except (psycopg.Error, PoolTimeout) as error:
-                log.warning("could not prune idempotency keys: %s", error)
+                log.warning("could not prune idempotency keys or registrations: %s", error)
                 pruned_at = time.monotonic() - 3600 + 60  # again in a minute
         await asyncio.sleep(2)
 
@@ -1080,6 +1088,7 @@ async def stream_events(
         last_sent = time.monotonic()
         failing = False
         try:
+            await signal.register(pool, user)  # before the first read (its docstring says why)
             while True:
                 flag.clear()
                 try:
@@ -1107,7 +1116,7 @@ async def stream_events(
                     yield ServerSentEventMessage(data=None, comment="heartbeat")
                     last_sent = time.monotonic()
         finally:
-            signal.unsubscribe(user, flag)
+            signal.unsubscribe(pool, user, flag)
 
     return ServerSentEvent(messages())
 
@@ -1197,7 +1206,7 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
         for each in pools:  # a database that is down at start means 503s, not a crash
             await each.open(wait=False)
         helpers = [
-            asyncio.create_task(_housekeeping(pool)),
+            asyncio.create_task(_housekeeping(pool, signal)),
             asyncio.create_task(signal.run()),
         ]
         try:

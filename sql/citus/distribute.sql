@@ -9,3 +9,4 @@
 SELECT create_distributed_table('events', 'user_id');
 SELECT create_distributed_table('tasks', 'user_id', colocate_with => 'events');
 SELECT create_distributed_table('idempotency_keys', 'user_id', colocate_with => 'events');
+SELECT create_distributed_table('event_listeners', 'user_id', colocate_with => 'events');
