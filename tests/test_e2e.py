@@ -356,7 +356,15 @@ def test_metrics_forget_a_worker_killed_with_sigkill(served: ServeProcess, tmp_p
 
 def test_sigterm_closes_open_event_streams(database_url: str, tmp_path: Path) -> None:
     """An open /events/stream never ends by itself: a graceful stop would wait for it
-    forever. After TODO_SHUTDOWN_TIMEOUT the stream is cut, and serve exits 0."""
+    forever. After TODO_SHUTDOWN_TIMEOUT the stream is cut, and serve exits 0, having
+    forgotten its stream's registration (commands of that user stop notifying)."""
+    user = f"sse-{uuid.uuid4()}"
+
+    def registrations() -> list[tuple[str]]:
+        with psycopg.connect(database_url) as conn:
+            query = "SELECT user_id FROM event_listeners WHERE user_id = %s"
+            return conn.execute(query, (user,)).fetchall()
+
     env = service_env(
         DATABASE_URL=database_url,
         TODO_JWT_SECRET=SECRET,
@@ -366,12 +374,13 @@ def test_sigterm_closes_open_event_streams(database_url: str, tmp_path: Path) ->
     )
     with (
         ServeProcess(env, tmp_path, tmp_path / "serve.log", workers=2) as server,
-        http_client(server.url, mint(f"sse-{uuid.uuid4()}", env)) as http,
+        http_client(server.url, mint(user, env)) as http,
         http.stream("GET", "/events/stream") as stream,
     ):
         assert stream.status_code == 200
         lines = stream.iter_lines()
         assert next(lines) == ": heartbeat"
+        assert registrations() == [(user,)]
         started = time.monotonic()
         assert server.terminate(timeout=15) == 0
         stopped = time.monotonic() - started
@@ -383,6 +392,7 @@ def test_sigterm_closes_open_event_streams(database_url: str, tmp_path: Path) ->
     assert '"message":"request cut at shutdown"' in log  # the documented cut, said once
     assert "Traceback" not in log and "Exception in ASGI application" not in log
     assert "ASGI callable returned without" not in log  # the stream's answer was ended
+    assert registrations() == []
 
 
 # --- b. the embedded default: nothing configured ---------------------------------------------

@@ -135,6 +135,8 @@ ALL_USERS = {
     "DELETE FROM idempotency_keys WHERE created_at <": "the hourly prune of answers past 24 h",
     "DELETE FROM event_listeners WHERE expires_at <": "the hourly prune of stream registrations"
     " of processes that died",
+    "DELETE FROM event_listeners WHERE listener =": "a process forgets its stream registrations"
+    " at shutdown",
     "SELECT count(*) FROM events": "the rebuild's progress bar total; the benchmark's size",
     "SELECT count(DISTINCT user_id), count(*) FROM tasks": "the benchmark's data set size",
     "FROM tasks WHERE NOT deleted ORDER BY random()": "the benchmark picks its targets",

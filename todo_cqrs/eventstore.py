@@ -347,9 +347,13 @@ _RENEW_LISTENERS = (
     " FROM unnest(%(users)s::text[]) AS u(user_id)"
     " ON CONFLICT (user_id, listener) DO UPDATE SET expires_at = excluded.expires_at"
 )
+# A new stream of the user that registers between the check in `_forget` and this statement
+# loses its row until the next renewal (30 s at most): its events come with its heartbeats
+# meanwhile, which re-read the feed. Rare, bounded, and nothing is lost.
 _FORGET_LISTENER = (
     "DELETE FROM event_listeners WHERE user_id = %(user_id)s AND listener = %(listener)s"
 )
+_FORGET_PROCESS = "DELETE FROM event_listeners WHERE listener = %(listener)s"
 
 
 class NewEventSignal:
@@ -418,6 +422,17 @@ class NewEventSignal:
                     _RENEW_LISTENERS,
                     {"users": list(self.waiting), "listener": self.listener, "ttl": LISTENER_TTL},
                 )
+
+    async def close(self, pool: AsyncConnectionPool) -> None:
+        """At shutdown, before the pool closes: forget every user registered by this process
+        (its streams are over), rather than leave the rows to expire."""
+        if self._forgetting:
+            await asyncio.wait(self._forgetting, timeout=2)
+        try:
+            async with pool.connection(timeout=2) as conn:
+                await conn.execute(_FORGET_PROCESS, {"listener": self.listener})
+        except (psycopg.Error, PoolTimeout) as error:
+            log.warning("could not forget this process's stream registrations: %s", error)
 
     def _wake_all(self) -> None:
         for flags in self.waiting.values():

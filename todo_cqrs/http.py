@@ -254,6 +254,7 @@ async def _housekeeping(pool: AsyncConnectionPool, signal: NewEventSignal) -> No
                 renewed_at = time.monotonic()
             except (psycopg.Error, PoolTimeout) as error:
                 log.warning("could not renew the event streams' registrations: %s", error)
+                renewed_at = time.monotonic() - LISTENER_TTL / 3 + 10  # again in 10 s
         if time.monotonic() - pruned_at >= 3600:
             try:
                 await commands.prune_idempotency_keys(pool)
@@ -1220,6 +1221,7 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
             for helper in done:
                 if not helper.cancelled() and (error := helper.exception()) is not None:
                     log.error("background task failed", exc_info=error)  # died before
+            await signal.close(pool)
             for each in pools:
                 await each.close()
             await verifier.aclose()
