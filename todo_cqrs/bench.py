@@ -865,14 +865,14 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
             raise RuntimeError(f"serve exited during {name}:\n{serve.tail()}")
     if options.rate:
         print(f"paced: each scenario at {options.rate:,} requests/s", flush=True)
-    for name in (options.only or SCENARIOS) if options.rate else ():
-        scenario = run_wrk(
-            name, serve.url, folder, targets_path, options, options.duration, options.rate
-        )
-        run.paced.append(scenario)
-        print(f"{name:>8}: {_summary(scenario)}", flush=True)
-        if serve.process.poll() is not None:
-            raise RuntimeError(f"serve exited during {name} (paced):\n{serve.tail()}")
+        for name in options.only or SCENARIOS:
+            scenario = run_wrk(
+                name, serve.url, folder, targets_path, options, options.duration, options.rate
+            )
+            run.paced.append(scenario)
+            print(f"{name:>8}: {_summary(scenario)}", flush=True)
+            if serve.process.poll() is not None:
+                raise RuntimeError(f"serve exited during {name} (paced):\n{serve.tail()}")
     run.worker_rss_mb = [w.memory_info().rss / 2**20 for w in serve.workers()]
     print("worker RSS: " + ", ".join(f"{mb:.0f} MB" for mb in run.worker_rss_mb), flush=True)
     serve.stop()  # the database alone for the floor and for pgbench

@@ -332,20 +332,17 @@ async def copy_task_streams(
 # registrations of the users a process streams to are renewed every third of it.
 LISTENER_TTL = 90.0
 
-# The registration takes the user's append lock as well, and the stream reads only after it:
-# a command that held the lock before has committed by then (and the read sees its events),
-# and one that takes it after finds the row committed (and notifies).
-_REGISTER_LISTENER = (
-    "WITH registered AS (INSERT INTO event_listeners (user_id, listener, expires_at)"
-    " VALUES (%(user_id)s, %(listener)s, now() + make_interval(secs => %(ttl)s))"
-    " ON CONFLICT (user_id, listener) DO UPDATE SET expires_at = excluded.expires_at"
-    f" RETURNING user_id) {LOCK_USER} FROM registered"
-)
 _RENEW_LISTENERS = (
     "INSERT INTO event_listeners (user_id, listener, expires_at)"
     " SELECT user_id, %(listener)s, now() + make_interval(secs => %(ttl)s)"
     " FROM unnest(%(users)s::text[]) AS u(user_id)"
     " ON CONFLICT (user_id, listener) DO UPDATE SET expires_at = excluded.expires_at"
+)
+# The registration takes the user's append lock as well, and the stream reads only after it:
+# a command that held the lock before has committed by then (and the read sees its events),
+# and one that takes it after finds the row committed (and notifies).
+_REGISTER_LISTENER = (
+    f"WITH registered AS ({_RENEW_LISTENERS} RETURNING 1) {LOCK_USER} FROM registered"
 )
 # A new stream of the user that registers between the check in `_forget` and this statement
 # loses its row until the next renewal (30 s at most): its events come with its heartbeats
@@ -386,7 +383,12 @@ class NewEventSignal:
             async with pool.connection() as conn:
                 await conn.execute(
                     _REGISTER_LISTENER,
-                    {"user_id": user_id, "listener": self.listener, "ttl": LISTENER_TTL},
+                    {
+                        "user_id": user_id,
+                        "users": [user_id],
+                        "listener": self.listener,
+                        "ttl": LISTENER_TTL,
+                    },
                 )
         except (psycopg.Error, PoolTimeout) as error:
             # The stream still works, a heartbeat late at worst; `renew` registers it later.
