@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -246,6 +245,11 @@ class JwksUrl:
         return self._fetched_at is None or time.monotonic() - self._fetched_at >= self.max_age
 
     async def _fetch(self) -> None:
+        # Imported here, not at the top: httpx, with the packages its command line loads
+        # (rich, pygments, click), costs each worker 4.5 MB of memory, and only a JWKS URL
+        # needs it (BENCHMARKS.md, 2026-12-07, session 13).
+        import httpx
+
         self.fetches += 1
         self._attempted_at = time.monotonic()
         try:
