@@ -368,6 +368,7 @@ class Scenario:
     p95_ms: float
     p99_ms: float
     max_ms: float
+    rss_mb: list[float] = field(default_factory=list)  # each worker's, after this run
 
     @property
     def rate(self) -> float:
@@ -477,6 +478,9 @@ class Serve:
             if any("spawn_main" in part for part in child.cmdline())
         ]
         return spawned or [main]
+
+    def worker_rss_mb(self) -> list[float]:
+        return [worker.memory_info().rss / 2**20 for worker in self.workers()]
 
     def tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace")
@@ -785,7 +789,12 @@ def _summary(s: Scenario) -> str:
         f"{s.rate:8,.0f} requests/s  p50 {s.p50_ms:6.1f} ms  p95 {s.p95_ms:6.1f} ms"
         f"  p99 {s.p99_ms:6.1f} ms  errors {s.errors}"
         + (f" ({s.error_detail})" if s.errors else "")
+        + (f"  RSS {_megabytes(s.rss_mb)}" if s.rss_mb else "")
     )
+
+
+def _megabytes(each: list[float]) -> str:
+    return ", ".join(f"{mb:.0f} MB" for mb in each)
 
 
 def explain(url: str, user_id: str, task_id: str) -> dict[str, str]:
@@ -859,6 +868,7 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
         run_wrk("mixed", serve.url, folder, targets_path, options, options.warmup)
     for name in options.only or SCENARIOS:
         scenario = run_wrk(name, serve.url, folder, targets_path, options, options.duration)
+        scenario.rss_mb = serve.worker_rss_mb()
         run.scenarios.append(scenario)
         print(f"{name:>8}: {_summary(scenario)}", flush=True)
         if serve.process.poll() is not None:
@@ -869,12 +879,13 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
             scenario = run_wrk(
                 name, serve.url, folder, targets_path, options, options.duration, options.rate
             )
+            scenario.rss_mb = serve.worker_rss_mb()
             run.paced.append(scenario)
             print(f"{name:>8}: {_summary(scenario)}", flush=True)
             if serve.process.poll() is not None:
                 raise RuntimeError(f"serve exited during {name} (paced):\n{serve.tail()}")
-    run.worker_rss_mb = [w.memory_info().rss / 2**20 for w in serve.workers()]
-    print("worker RSS: " + ", ".join(f"{mb:.0f} MB" for mb in run.worker_rss_mb), flush=True)
+    run.worker_rss_mb = serve.worker_rss_mb()
+    print(f"worker RSS: {_megabytes(run.worker_rss_mb)}", flush=True)
     serve.stop()  # the database alone for the floor and for pgbench
     if options.only:
         return run  # a quick comparison: no floor, no ceiling, no report
@@ -886,7 +897,7 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
     for name in ("get", "list"):
         run.floor[name] = run_wrk(name, floor.url, folder, targets_path, options, options.duration)
         print(f"the floor (a bare ASGI app), {name}: {run.floor[name].rate:,.0f} requests/s")
-    run.floor_rss_mb = [w.memory_info().rss / 2**20 for w in floor.workers()]
+    run.floor_rss_mb = floor.worker_rss_mb()
     floor.stop()
     if any(s.errors for s in [*run.scenarios, *run.paced]):
         print(f"(some requests failed; the service's log is {serve.log_path})", flush=True)
@@ -1170,7 +1181,13 @@ def report(run: Run) -> str:
             f" {', '.join(parts)}: {verdict(ok)}"
         )
 
-    rss = ", ".join(f"{mb:.0f} MB" for mb in run.worker_rss_mb)
+    rss = _megabytes(run.worker_rss_mb)
+    # Each worker's RSS after each run, in the order run: a leak shows as steady growth.
+    rss_trend = "; ".join(
+        f"{s.name}{kind} {'/'.join(f'{mb:.0f}' for mb in s.rss_mb)}"
+        for kind, runs in (("", run.scenarios), (" paced", run.paced))
+        for s in runs
+    )
     small = reported_rates("HTTP API") if o.big else {}
     against_small = []
     if small:
@@ -1193,7 +1210,7 @@ def report(run: Run) -> str:
 The floor, for scale: the same two reads from a bare ASGI app (`bench.FloorApp`) under plain
 uvicorn with {o.workers} workers, the service's pool settings, token check and query functions, and
 no framework, request id, log or metrics; the same load, right after the service. Its
-workers' RSS after the run: {", ".join(f"{mb:.0f} MB" for mb in run.floor_rss_mb)}.
+workers' RSS after the run: {_megabytes(run.floor_rss_mb)}.
 
 | read | service (req/s) | bare app (req/s) | service / bare | bare / ceiling | bare p99 | errors |
 | --- | --- | --- | --- | --- | --- | --- |
@@ -1298,7 +1315,8 @@ Commands are compared with the command script, reads with the list script, mixed
 | --- | --- | --- | --- | --- |
 {chr(10).join(pg_rows)}
 {floor}
-Resident memory (RSS) of each worker after the run: {rss}.
+Resident memory (RSS) of each worker after the run: {rss}. After each run, in the order
+run (MB, one number a worker): {rss_trend}.
 
 Targets (issue 6):
 
