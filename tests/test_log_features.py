@@ -8,6 +8,7 @@ stream is woken through PostgreSQL's LISTEN/NOTIFY.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -32,6 +33,7 @@ import psycopg
 import pytest
 from conftest import JWT_SECRET, Api, assert_problem
 from litestar.testing import TestClient
+from psycopg_pool import AsyncConnectionPool
 
 from todo_cqrs import db, eventstore
 from todo_cqrs.auth import mint_token
@@ -970,6 +972,57 @@ def test_the_notify_check_notifies_always_where_it_could_miss_a_registration(
             conn.execute(check, (eventstore.CHANNEL, user))
             conn.commit()
         assert _notifications(listener, 1) == [user]
+
+
+def test_registrations_are_renewed_pruned_and_forgotten_when_the_process_stops(
+    database_url: str,
+) -> None:
+    """`renew` pushes a process's rows out by the TTL, `prune_listeners` removes only the
+    expired rows (of processes that died), and `close` removes every row of its process, a
+    user whose forget never ran included, and no row of another process."""
+    mine, alive, dead = _new_user(), _new_user(), _new_user()
+
+    def expiry(listener: str, user: str) -> float | None:
+        """Seconds until the row expires; None when there is no row."""
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute(
+                "SELECT extract(epoch FROM expires_at - now())::float FROM event_listeners"
+                " WHERE listener = %s AND user_id = %s",
+                (listener, user),
+            ).fetchone()
+        return None if row is None else float(row[0])
+
+    async def scenario() -> None:
+        signal = eventstore.NewEventSignal(database_url)
+        async with AsyncConnectionPool(database_url, min_size=1, max_size=2, open=False) as pool:
+            await pool.wait()
+            signal.subscribe(mine)  # a stream that never unsubscribes: its forget never runs
+            await signal.register(pool, mine)
+            async with pool.connection() as conn:
+                await conn.execute(
+                    "UPDATE event_listeners SET expires_at = now() + interval '1 s'"
+                    " WHERE listener = %s",
+                    (signal.listener,),
+                )
+                await conn.execute(
+                    "INSERT INTO event_listeners (user_id, listener, expires_at) VALUES"
+                    " (%s, 'another', now() + interval '1 minute'),"
+                    " (%s, 'a dead one', now() - interval '1 s')",
+                    (alive, dead),
+                )
+            left = expiry(signal.listener, mine)
+            assert left is not None and left < 2
+            await signal.renew(pool)
+            left = expiry(signal.listener, mine)
+            assert left is not None and left > eventstore.LISTENER_TTL - 5
+            assert await eventstore.prune_listeners(pool) >= 1
+            assert expiry("a dead one", dead) is None
+            assert expiry(signal.listener, mine) is not None
+            await signal.close(pool)
+        assert expiry(signal.listener, mine) is None
+        assert expiry("another", alive) is not None
+
+    asyncio.run(scenario())
 
 
 def test_a_stream_reads_after_a_command_that_did_not_see_it_register(
