@@ -325,10 +325,12 @@ class Verifier:
         self.algorithms = frozenset(k.algorithm for k in self.static)
         if jwks_file is not None or jwks_url is not None:
             self.algorithms |= ASYMMETRIC
-        # Tokens verified lately, with the time until which their claims may be reused:
-        # a client sends the same token many times, and a signature check is a tenth of a
-        # request's work. Bounded in size, and in time (a minute, or the token's expiry).
-        self.verified: dict[str, tuple[dict[str, Any], float]] = {}
+        # Tokens verified lately, with their subject and the time until which it may be
+        # reused: a client sends the same token many times, and a signature check is a
+        # tenth of a request's work. Bounded in size, and in time (a minute, or the token's
+        # expiry). The subject alone, not the claims: 0.4 KB less a token, 4 MB of a full
+        # cache (BENCHMARKS.md, 2026-12-07, session 13).
+        self.verified: dict[str, tuple[str, float]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Verifier:
@@ -380,16 +382,17 @@ class Verifier:
                 continue
         return None
 
-    async def verify(self, token: str) -> dict[str, Any]:
-        """The token's claims; raises InvalidToken or KeysUnavailable."""
+    async def verify(self, token: str) -> str:
+        """The token's subject (the user id); raises InvalidToken or KeysUnavailable."""
         now = time.time()
         if (known := self.verified.get(token)) is not None and now < known[1]:
             return known[0]
         claims = await self._verify_claims(token)
         if len(self.verified) >= VERIFIED_CACHE_SIZE:
             del self.verified[next(iter(self.verified))]  # the oldest
-        self.verified[token] = (claims, min(now + 60, claims["exp"] + LEEWAY))
-        return claims
+        subject: str = claims["sub"]
+        self.verified[token] = (subject, min(now + 60, claims["exp"] + LEEWAY))
+        return subject
 
     async def _verify_claims(self, token: str) -> dict[str, Any]:
         try:

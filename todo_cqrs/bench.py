@@ -546,7 +546,7 @@ class FloorApp:
         if path == "/ready":
             return b"{}"
         authorization = dict(scope["headers"])[b"authorization"].decode()
-        user: str = (await self.verifier.verify(authorization.removeprefix("Bearer ")))["sub"]
+        user = await self.verifier.verify(authorization.removeprefix("Bearer "))
         if path == "/tasks":
             return await queries.list_tasks(self.pool, user, queries.TaskFilters(), 50, None)
         task = await queries.get_task(self.pool, user, UUID(path.removeprefix("/tasks/")))

@@ -594,7 +594,7 @@ class JWTAuth(AbstractAuthenticationMiddleware):
                 401, "A bearer token is required.", headers={"WWW-Authenticate": "Bearer"}
             )
         try:
-            claims = await verifier.verify(token)
+            user = await verifier.verify(token)
         except auth.InvalidToken as error:
             raise Problem(
                 401,
@@ -605,7 +605,7 @@ class JWTAuth(AbstractAuthenticationMiddleware):
             raise Problem(
                 503, str(error), headers={"Retry-After": str(error.retry_after)}
             ) from None
-        return AuthenticationResult(user=claims["sub"], auth=claims)
+        return AuthenticationResult(user=user, auth=token)
 
 
 # --- errors ---------------------------------------------------------------------------------
