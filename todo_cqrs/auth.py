@@ -332,7 +332,7 @@ class Verifier:
         # Tokens verified lately, with their subject and the time until which it may be
         # reused: a client sends the same token many times, and a signature check is a
         # tenth of a request's work. Bounded in size, and in time (a minute, or the token's
-        # expiry). The subject alone, not the claims: 0.4 KB less a token, 4 MB of a full
+        # expiry). The subject alone, not the claims: 0.4 KB less a token, 3.8 MB of a full
         # cache (BENCHMARKS.md, 2026-12-07, session 13).
         self.verified: dict[str, tuple[str, float]] = {}
 
