@@ -400,11 +400,15 @@ class Run:
     scenarios: list[Scenario] = field(default_factory=list)
     paced: list[Scenario] = field(default_factory=list)  # each scenario at options.rate
     pgbench: dict[str, PgbenchResult] = field(default_factory=dict)
-    worker_rss_mb: list[float] = field(default_factory=list)
     floor: dict[str, Scenario] = field(default_factory=dict)  # FloorApp's get and list
     floor_rss_mb: list[float] = field(default_factory=list)
     server_version: str = ""
     plans: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def worker_rss_mb(self) -> list[float]:
+        """Each worker's RSS after the whole run: after its last scenario."""
+        return [*self.scenarios, *self.paced][-1].rss_mb
 
 
 def _service_env(**extra: str) -> dict[str, str]:
@@ -884,7 +888,6 @@ def bench_api(server_url: str, options: Options, folder: Path, cleanup: ExitStac
             print(f"{name:>8}: {_summary(scenario)}", flush=True)
             if serve.process.poll() is not None:
                 raise RuntimeError(f"serve exited during {name} (paced):\n{serve.tail()}")
-    run.worker_rss_mb = serve.worker_rss_mb()
     print(f"worker RSS: {_megabytes(run.worker_rss_mb)}", flush=True)
     serve.stop()  # the database alone for the floor and for pgbench
     if options.only:
