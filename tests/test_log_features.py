@@ -1025,6 +1025,60 @@ def test_registrations_are_renewed_pruned_and_forgotten_when_the_process_stops(
     asyncio.run(scenario())
 
 
+def test_a_stream_that_registers_while_its_user_is_being_forgotten_stays_registered(
+    database_url: str,
+) -> None:
+    """The user's last stream here closed and its forget has sent its DELETE when a new
+    stream of the user registers. The server may run the two statements in either order;
+    here it is made to run the registration first: the DELETE waits on a row lock (FOR KEY
+    SHARE) that the registration's upsert does not conflict with. The new stream must
+    still be registered afterwards, or its events would wait for a heartbeat or a renewal."""
+    user = _new_user()
+
+    async def scenario() -> None:
+        signal = eventstore.NewEventSignal(database_url)
+        async with (
+            AsyncConnectionPool(database_url, min_size=2, max_size=4, open=False) as pool,
+            await psycopg.AsyncConnection.connect(database_url) as holder,
+            await psycopg.AsyncConnection.connect(database_url, autocommit=True) as watcher,
+        ):
+            await pool.wait()
+            first = signal.subscribe(user)
+            await signal.register(pool, user)
+            await holder.execute(
+                "SELECT FROM event_listeners WHERE user_id = %s AND listener = %s FOR KEY SHARE",
+                (user, signal.listener),
+            )
+            signal.unsubscribe(pool, user, first)
+
+            async def deletes(condition: str) -> int:
+                cur = await watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    f" AND query LIKE 'DELETE FROM event_listeners%%' AND {condition}"
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                return int(row[0])
+
+            async def until(condition: str, count: int, what: str) -> None:
+                deadline = time.monotonic() + 5
+                while await deletes(condition) != count:
+                    assert time.monotonic() < deadline, f"not within 5 s: {what}"
+                    await asyncio.sleep(0.05)
+
+            await until("wait_event_type = 'Lock'", 1, "the forget's DELETE waits")
+            signal.subscribe(user)
+            registering = asyncio.create_task(signal.register(pool, user))
+            await asyncio.sleep(0.5)  # time enough for an upsert that does not wait
+            await holder.commit()
+            await asyncio.wait_for(registering, 5)
+            await until("state = 'active'", 0, "the forget's DELETE ends")
+            assert _registered(database_url, user) == 1
+            await signal.close(pool)
+
+    asyncio.run(scenario())
+
+
 def test_a_stream_reads_after_a_command_that_did_not_see_it_register(
     quiet_server: str, database_url: str
 ) -> None:

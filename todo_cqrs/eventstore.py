@@ -344,9 +344,6 @@ _RENEW_LISTENERS = (
 _REGISTER_LISTENER = (
     f"WITH registered AS ({_RENEW_LISTENERS} RETURNING 1) {LOCK_USER} FROM registered"
 )
-# A new stream of the user that registers between the check in `_forget` and this statement
-# loses its row until the next renewal (30 s at most): its events come with its heartbeats
-# meanwhile, which re-read the feed. Rare, bounded, and nothing is lost.
 _FORGET_LISTENER = (
     "DELETE FROM event_listeners WHERE user_id = %(user_id)s AND listener = %(listener)s"
 )
@@ -369,7 +366,8 @@ class NewEventSignal:
         self.conninfo = conninfo
         self.waiting: dict[str, set[asyncio.Event]] = {}
         self.listener = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._forgetting: set[asyncio.Task[None]] = set()
+        # The forgets under way, by the user each forgets.
+        self._forgetting: dict[asyncio.Task[None], str] = {}
 
     def subscribe(self, user_id: str) -> asyncio.Event:
         flag = asyncio.Event()
@@ -379,6 +377,11 @@ class NewEventSignal:
     async def register(self, pool: AsyncConnectionPool, user_id: str) -> None:
         """Make commands notify for the user (a subscribed one); from when this returns, a
         read of the feed sees every event of the user that was committed without notifying."""
+        # A forget of the user still under way (its last stream here just closed) goes
+        # first: its DELETE, sent before this upsert, may still run after it on the server
+        # and take the new stream's row away until the next renewal.
+        if forgetting := [task for task, user in self._forgetting.items() if user == user_id]:
+            await asyncio.wait(forgetting)
         try:
             async with pool.connection() as conn:
                 await conn.execute(
@@ -403,8 +406,8 @@ class NewEventSignal:
                 # In a task of its own: a stream ends by cancellation (its client left),
                 # and anything it awaited from here would be cancelled as well.
                 task = asyncio.get_running_loop().create_task(self._forget(pool, user_id))
-                self._forgetting.add(task)
-                task.add_done_callback(self._forgetting.discard)
+                self._forgetting[task] = user_id
+                task.add_done_callback(self._forgetting.pop)
 
     async def _forget(self, pool: AsyncConnectionPool, user_id: str) -> None:
         try:
@@ -429,7 +432,7 @@ class NewEventSignal:
         """At shutdown, before the pool closes: forget every user registered by this process
         (its streams are over), rather than leave the rows to expire."""
         if self._forgetting:
-            await asyncio.wait(self._forgetting, timeout=2)
+            await asyncio.wait(list(self._forgetting), timeout=2)
         try:
             async with pool.connection(timeout=2) as conn:
                 await conn.execute(_FORGET_PROCESS, {"listener": self.listener})
