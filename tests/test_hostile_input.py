@@ -255,6 +255,16 @@ def test_a_request_head_too_large_or_too_slow_is_refused_and_the_server_lives_on
         assert time.monotonic() - started < 5  # refused early, not after 64 MB
         too_slow = _sends_head_of(port, 0, pause=1.5)
         assert too_slow.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), too_slow
+        # Not HTTP at all: uvicorn's parser refuses it, answered as a problem too.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GARBAGE\r\n\r\n")
+            not_http = b"".join(iter(lambda: sock.recv(65_536), b""))
+        assert not_http.startswith(b"HTTP/1.1 400 Bad Request\r\n"), not_http
+        assert b'"status":400' in not_http
+        for answer in (too_large, too_slow, not_http):
+            head = answer.partition(b"\r\n\r\n")[0].lower()
+            assert b"\r\ncontent-type: application/problem+json\r\n" in head, answer
+            assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", head), answer
         with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
             started = time.monotonic()
             assert silent.recv(100) == b""  # closed, with nothing to answer

@@ -283,11 +283,23 @@ def test_time_travel_refuses_bad_parameters(api: Api) -> None:
         {"as_of": "2026-01-01T10:00:00"},  # no offset
         {"as_of": "2026-01-01T10:00:00.123456"},  # no offset
         {"version": "1", "as_of": moment},
+        # Not RFC 3339, though Litestar's parsing takes them: seconds since the epoch (in
+        # the task's life, and before it), an offset without its colon, and a "+" that the
+        # query's decoding turned into a space.
+        {"as_of": "4102444800"},
+        {"as_of": "4102444800.5"},
+        {"as_of": "1e10"},
+        {"as_of": "1700000000"},
+        {"as_of": "2100-01-01T00:00:00+0100"},
+        {"as_of": "2100-01-01T00:00:00 01:00"},
     ):
         _assert_problem(_travel(api, task_id, **params), 400)
-    # The good forms of the same, for contrast.
+    epoch = _travel(api, task_id, as_of="4102444800")
+    assert [error["field"] for error in epoch.json()["errors"]] == ["as_of"]
+    # The good forms of the same, for contrast (RFC 3339 allows "t", "z" and a space).
     assert _travel(api, task_id, version="1").status_code == 200
-    assert _travel(api, task_id, as_of=moment).status_code == 200
+    for good in (moment, "2100-01-01t00:00:00z", "2100-01-01 00:00:00-01:00"):
+        assert _travel(api, task_id, as_of=good).status_code == 200, good
 
 
 def test_time_travel_never_shows_another_users_task(api: Api, other_api: Api) -> None:

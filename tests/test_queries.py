@@ -396,6 +396,24 @@ def test_commands_on_a_malformed_id_answer_404(api: Any, method: str, suffix: st
     assert_problem(api.request(method, f"/tasks/not-a-uuid{suffix}", **kwargs), 404)
 
 
+@pytest.mark.parametrize("key", [None, "bad-body-on-a-bad-path"])
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [(b'{"title": ""}', "application/json"), (b"{", "application/json"), (b"x", "text/plain")],
+    ids=["invalid", "malformed", "not-json"],
+)
+def test_a_malformed_id_answers_404_before_the_body_is_looked_at(
+    api: Any, body: bytes, content_type: str, key: str | None
+) -> None:
+    """The path names no task, so the answer is 404 whatever the body, with an
+    Idempotency-Key or without (neither is stored: no command was reached)."""
+    headers = {"Content-Type": content_type, **({"Idempotency-Key": key} if key else {})}
+    for _ in range(2):
+        answer = api.request("PATCH", "/tasks/not-a-uuid", content=body, headers=headers)
+        assert_problem(answer, 404)
+        assert "idempotent-replayed" not in answer.headers
+
+
 # --- history ----------------------------------------------------------------------------------
 
 

@@ -90,6 +90,15 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 _encode = msgspec.json.Encoder().encode
 _REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _IDEMPOTENCY_KEY_FORM = re.compile(r"[\x20-\x7e]{1,255}")
+# RFC 3339's date-time (its section 5.6). Litestar's parsing (msgspec's, lenient) takes more:
+# seconds since the epoch ("1700000000") and offsets without a colon ("+0100").
+_RFC3339_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_AS_OF_FORM = (
+    "must be an RFC 3339 time with a UTC offset, like 2026-11-22T10:00:00Z (+ sent as %2B)"
+)
 # The digits of an RFC 3339 time's seconds that a datetime cannot hold.
 _PAST_MICROSECONDS = re.compile(r"(:[0-9]{2}\.[0-9]{6})[0-9]+")
 _EVENT_POSITION_FORM = re.compile(r"[0-9]{1,18}")  # a bigint, never past its range
@@ -356,17 +365,33 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _refuse(self, problem: Problem) -> None:
         self._head_done()
-        if self.transport.is_closing():
-            return
-        log.warning("request head refused: %s", problem.detail)
+        if not self.transport.is_closing():
+            self._answer_and_close(problem, "request head refused")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP/1.1 (a bad request line, a malformed
+        header), as a problem with a request id like any other answer."""
+        self._answer_and_close(Problem(400, "The request is not valid HTTP/1.1."), msg)
+
+    def _answer_and_close(self, problem: Problem, what: str) -> None:
+        """Answer from here, before any app sees the request: with a new request id (the
+        caller's is somewhere in a head that cannot be read), logged with it."""
+        request_id = os.urandom(16).hex()
+        token = REQUEST_ID.set(request_id)
+        log.warning("%s: %s", what, problem.detail)
+        REQUEST_ID.reset(token)
         if self.cycle is None or self.cycle.response_complete:  # no answer being sent
             body = problem.encode()
-            head = (
-                f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}\r\n"
+            head = [
+                f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}\r\n".encode(),
+                *(
+                    name + b": " + value + b"\r\n"
+                    for name, value in self.server_state.default_headers
+                ),
                 f"content-type: {PROBLEM_JSON}\r\ncontent-length: {len(body)}\r\n"
-                "connection: close\r\n\r\n"
-            )
-            self.transport.write(head.encode() + body)
+                f"x-request-id: {request_id}\r\nconnection: close\r\n\r\n".encode(),
+            ]
+            self.transport.write(b"".join(head) + body)
         self.transport.close()
 
 
@@ -765,6 +790,8 @@ async def _parse_body(request: Request[str, Any, Any]) -> Response[Any] | None:
     that every offending field is listed, and a refused request under an Idempotency-Key is
     answered (and replayed) like any other. The command waits in `request.state.command`."""
     kind = CreateTask if request.method == "POST" else EditTask
+    task_id = request.path_params.get("task_id")
+    uid = _task_uuid(task_id) if task_id is not None else None  # a path naming no task: 404
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
         if media_type != "application/json" and not media_type.endswith("+json"):
@@ -782,8 +809,7 @@ async def _parse_body(request: Request[str, Any, Any]) -> Response[Any] | None:
     except Problem as problem:
         if "idempotency-key" not in request.headers:
             raise
-        task_id = request.path_params.get("task_id")
-        return await _command(request, _task_uuid(task_id) if task_id else uuid.uuid4(), problem)
+        return await _command(request, uid or uuid.uuid4(), problem)
     return None
 
 
@@ -1007,9 +1033,9 @@ async def get_task(
     source, user, uid = _reader(request, consistency_token), request.user, _task_uuid(task_id)
     if version is not None and as_of is not None:
         raise Problem(400, "Give version or as_of, not both.")
-    if as_of is not None and as_of.tzinfo is None:
-        raise Problem(400, "as_of needs a UTC offset (RFC 3339).")
-    if as_of is not None and _PAST_MICROSECONDS.search(given := request.query_params["as_of"]):
+    if as_of is not None and not _RFC3339_TIME.fullmatch(given := request.query_params["as_of"]):
+        raise Problem(400, f"as_of {_AS_OF_FORM}.", errors=[FieldError("as_of", _AS_OF_FORM)])
+    if as_of is not None and _PAST_MICROSECONDS.search(given):
         # Parsing rounded to the nearest microsecond, which may be after the moment asked
         # for and show an event from after it: round down instead (parsed as Litestar does).
         as_of = msgspec.convert(_PAST_MICROSECONDS.sub(r"\1", given), datetime, strict=False)
