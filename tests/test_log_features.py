@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -228,11 +227,6 @@ def test_as_of_returns_the_state_at_a_moment(api: Api) -> None:
     # Long before creation.
     for long_ago in ("2000-01-01T00:00:00Z", "2000-01-01T00:00:00.1234567Z"):
         assert _travel(api, task_id, as_of=long_ago).status_code == 404
-    # Unix time, which Litestar takes too, keeps its meaning in exponent form: rounding the
-    # mantissa's digits down (1.796181550e+09 -> 1.796181e+09) would go back to before the
-    # task existed (unless a 1,000-second boundary fell within this test).
-    unix = f"{math.ceil(moments[-1].timestamp()) + 1:.9e}"
-    _assert_state(_travel(api, task_id, as_of=unix), reopened)
 
 
 def test_time_travel_over_a_deleted_task(api: Api) -> None:
@@ -294,8 +288,9 @@ def test_time_travel_refuses_bad_parameters(api: Api) -> None:
         {"as_of": "2100-01-01T00:00:00 01:00"},
     ):
         _assert_problem(_travel(api, task_id, **params), 400)
-    epoch = _travel(api, task_id, as_of="4102444800")
-    assert [error["field"] for error in epoch.json()["errors"]] == ["as_of"]
+    for params in ({"as_of": "4102444800"}, {"version": "1", "as_of": moment}):
+        answer = _travel(api, task_id, **params)
+        assert [error["field"] for error in answer.json()["errors"]] == list(params), params
     # The good forms of the same, for contrast (RFC 3339 allows "t", "z" and a space).
     assert _travel(api, task_id, version="1").status_code == 200
     for good in (moment, "2100-01-01t00:00:00z", "2100-01-01 00:00:00-01:00"):
@@ -424,9 +419,16 @@ def test_feed_limit_default_and_bounds(api: Api) -> None:
         {"after": "1.5"},
         {"after": "1.0"},  # Litestar would take it as 1
         {"limit": "1e2"},
+        {"after": "01"},
+        {"after": "9223372036854775808"},  # past a bigint, which positions are
+        {"after": "99999999999999999999"},
     ):
-        _assert_problem(api.get("/events", params=params), 400)
-    for params in ({"after": "1.0"}, {"after": "-0"}):
+        answer = api.get("/events", params=params)
+        _assert_problem(answer, 400)
+        assert [error["field"] for error in answer.json()["errors"]] == list(params)
+    last = {"after": "9223372036854775807"}
+    assert _feed(api, **last) == {"items": [], "next_position": 9223372036854775807}
+    for params in ({"after": "1.0"}, {"after": "-0"}, {"after": "9223372036854775808"}):
         _assert_problem(api.get("/events/stream", params=params), 400)
 
 

@@ -75,7 +75,7 @@ from todo_cqrs.domain import (
     text_problem,
 )
 from todo_cqrs.eventstore import LISTENER_TTL, NewEventSignal, prune_listeners
-from todo_cqrs.problems import PROBLEM_JSON, Problem, ProblemBody, not_found
+from todo_cqrs.problems import PROBLEM_JSON, Problem, ProblemBody, bad_parameter, not_found
 from todo_cqrs.queries import EventPage, FeedPage, TaskFilters, TaskPage, TaskView
 
 log = logging.getLogger("todo_cqrs")
@@ -103,6 +103,7 @@ _AS_OF_FORM = (
 _PAST_MICROSECONDS = re.compile(r"(:[0-9]{2}\.[0-9]{6})[0-9]+")
 _EVENT_POSITION_FORM = re.compile(r"[0-9]{1,18}")  # a bigint, never past its range
 _VERSION_MAX = 2**31 - 1  # events.version is a PostgreSQL integer
+_POSITION_MAX = 2**63 - 1  # events.position is a bigint
 # Sent with every command answer when queries may go to a replica (QUERY_DATABASE_URL); a
 # query that sends it back sees that command's effect.
 CONSISTENCY_TOKEN = "X-Consistency-Token"
@@ -398,7 +399,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 # Parameters that Litestar would convert leniently (`limit=1e2` as 100, `version=1.0` as 1,
 # `completed=1` as true): only the forms that the contract names get through. No endpoint
 # takes these names in another sense.
-_WHOLE_NUMBER = (re.compile(r"[0-9]+"), "must be a whole number")
+_WHOLE_NUMBER = (re.compile(r"0|[1-9][0-9]*"), "must be a whole number, with no leading zero")
 _STRICT_PARAMETERS = {
     "limit": _WHOLE_NUMBER,
     "after": _WHOLE_NUMBER,
@@ -1006,7 +1007,7 @@ async def list_tasks(
     """The user's tasks, newest first, keyset-paginated."""
     for name, value in (("tag", tag), ("q", q), ("cursor", cursor)):
         if value is not None and (message := text_problem(value)):
-            raise Problem(400, f"{name} {message}.", errors=[FieldError(name, message)])
+            raise bad_parameter(name, message)
     filters = TaskFilters(completed=completed, tag=tag, q=q, due_before=due_before)
     source = _reader(request, consistency_token)
     page = await queries.list_tasks(source, request.user, filters, limit, cursor)
@@ -1032,9 +1033,13 @@ async def get_task(
     """
     source, user, uid = _reader(request, consistency_token), request.user, _task_uuid(task_id)
     if version is not None and as_of is not None:
-        raise Problem(400, "Give version or as_of, not both.")
+        raise Problem(
+            400,
+            "Give version or as_of, not both.",
+            errors=[FieldError(name, "not with the other") for name in ("version", "as_of")],
+        )
     if as_of is not None and not _RFC3339_TIME.fullmatch(given := request.query_params["as_of"]):
-        raise Problem(400, f"as_of {_AS_OF_FORM}.", errors=[FieldError("as_of", _AS_OF_FORM)])
+        raise bad_parameter("as_of", _AS_OF_FORM)
     if as_of is not None and _PAST_MICROSECONDS.search(given):
         # Parsing rounded to the nearest microsecond, which may be after the moment asked
         # for and show an event from after it: round down instead (parsed as Litestar does).
@@ -1071,7 +1076,7 @@ async def task_history(
 @get("/events", responses=_errors(400))
 async def list_events(
     request: Request[str, Any, Any],
-    after: Annotated[int, QueryParameter(ge=0)] = 0,
+    after: Annotated[int, QueryParameter(ge=0, le=_POSITION_MAX)] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     consistency_token: ConsistencyToken = None,
 ) -> FeedPage:
@@ -1084,7 +1089,7 @@ async def list_events(
 @get("/events/stream", media_type="text/event-stream", responses=_errors(400))
 async def stream_events(
     request: Request[str, Any, Any],
-    after: Annotated[int | None, QueryParameter(ge=0)] = None,
+    after: Annotated[int | None, QueryParameter(ge=0, le=_POSITION_MAX)] = None,
     last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
 ) -> ServerSentEvent:
     """Server-Sent Events of the user's events as they commit (`id:` is the position).

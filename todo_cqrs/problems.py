@@ -49,6 +49,11 @@ class Problem(Exception):
         return msgspec.json.encode(self.body())
 
 
+def bad_parameter(name: str, message: str) -> Problem:
+    """400 for one query parameter, named in `errors` as a body's fields are."""
+    return Problem(400, f"{name} {message}.", errors=[FieldError(name, message)])
+
+
 def not_found() -> Problem:
     # One answer for "no such task" and "another user's task": existence never leaks.
     return Problem(404, "No such task.")

@@ -15,7 +15,7 @@ from todo_cqrs import eventstore
 from todo_cqrs.db import Connections
 from todo_cqrs.domain import Task, caseless, fold
 from todo_cqrs.eventstore import StoredEvent
-from todo_cqrs.problems import Problem, not_found
+from todo_cqrs.problems import bad_parameter, not_found
 
 if TYPE_CHECKING:
     TaskView: TypeAlias = Task
@@ -87,7 +87,7 @@ def _decode_cursor(cursor: str, type_: Any) -> Any:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         return msgspec.json.decode(raw, type=type_)
     except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise Problem(400, "The cursor is not one this service handed out.") from None
+        raise bad_parameter("cursor", "is not one this service handed out") from None
 
 
 _encode = msgspec.json.Encoder().encode
