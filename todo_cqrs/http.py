@@ -90,15 +90,6 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 _encode = msgspec.json.Encoder().encode
 _REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _IDEMPOTENCY_KEY_FORM = re.compile(r"[\x20-\x7e]{1,255}")
-# RFC 3339's date-time (its section 5.6). Litestar's parsing (msgspec's, lenient) takes more:
-# seconds since the epoch ("1700000000") and offsets without a colon ("+0100").
-_RFC3339_TIME = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
-    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
-)
-_AS_OF_FORM = (
-    "must be an RFC 3339 time with a UTC offset, like 2026-11-22T10:00:00Z (+ sent as %2B)"
-)
 # The digits of an RFC 3339 time's seconds that a datetime cannot hold.
 _PAST_MICROSECONDS = re.compile(r"(:[0-9]{2}\.[0-9]{6})[0-9]+")
 _EVENT_POSITION_FORM = re.compile(r"[0-9]{1,18}")  # a bigint, never past its range
@@ -318,6 +309,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._head_bytes: int | None = 0  # None while no head is being read
         self._tail = b""  # the last bytes of the head so far: its end may span two reads
+        self._unreadable: Problem | None = None  # to answer once the answers before it are out
         # From the connection's start: one that never sends a byte is closed too.
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.head_timeout, self._head_too_slow
@@ -371,8 +363,21 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are not HTTP/1.1 (a bad request line, a malformed
-        header), as a problem with a request id like any other answer."""
-        self._answer_and_close(Problem(400, "The request is not valid HTTP/1.1."), msg)
+        header), as a problem with a request id like any other answer. Bytes that follow a
+        request still being answered are answered after it: sent now, the 400 would read as
+        that request's answer (stock uvicorn sends it, even after a POST that commits)."""
+        problem = Problem(400, "The request is not valid HTTP/1.1.")
+        if self.cycle is None or self.cycle.response_complete:
+            self._answer_and_close(problem, "request refused")
+        else:
+            self._unreadable = problem
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # self.cycle is the last request read, so its answer is the last one before the 400.
+        late, cycle = self._unreadable, self.cycle
+        if late and cycle and cycle.response_complete and not self.transport.is_closing():
+            self._answer_and_close(late, "request refused")
 
     def _answer_and_close(self, problem: Problem, what: str) -> None:
         """Answer from here, before any app sees the request: with a new request id (the
@@ -396,22 +401,35 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+# RFC 3339's date-time (its section 5.6). Litestar's parsing (msgspec's, lenient) takes more:
+# seconds since the epoch ("1700000000") and offsets without a colon ("+0100").
+_RFC3339_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_AS_OF_FORM = (
+    "must be an RFC 3339 time with a UTC offset, like 2026-11-22T10:00:00Z (+ sent as %2B)"
+)
 # Parameters that Litestar would convert leniently (`limit=1e2` as 100, `version=1.0` as 1,
-# `completed=1` as true): only the forms that the contract names get through. No endpoint
-# takes these names in another sense.
+# `completed=1` as true, `as_of=1700000000` as a Unix time, `as_of=null` as none given): only
+# the forms that the contract names get through. No endpoint takes these names in another
+# sense.
 _WHOLE_NUMBER = (re.compile(r"0|[1-9][0-9]*"), "must be a whole number, with no leading zero")
 _STRICT_PARAMETERS = {
     "limit": _WHOLE_NUMBER,
     "after": _WHOLE_NUMBER,
     "version": _WHOLE_NUMBER,
     "completed": (re.compile(r"true|false"), "must be true or false"),
+    "as_of": (_RFC3339_TIME, _AS_OF_FORM),
+    "due_before": (re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}"), "must be a date, like 2026-11-22"),
 }
 
 
 def _query_problem(query: bytes) -> Problem | None:
-    """A parameter given more than once, or a number or boolean in a form the contract does
-    not name. Litestar would keep the last value of a repeated parameter and drop the others
-    unchecked (`limit=abc&limit=1`), so such a request is refused; no endpoint takes a list."""
+    """A parameter given more than once, or a number, boolean, date or time in a form the
+    contract does not name. Litestar would keep the last value of a repeated parameter and
+    drop the others unchecked (`limit=abc&limit=1`), so such a request is refused; no
+    endpoint takes a list."""
     if not query:
         return None
     # Clients send the same few short queries (`limit=50`) over and over, and parsing one
@@ -1038,9 +1056,7 @@ async def get_task(
             "Give version or as_of, not both.",
             errors=[FieldError(name, "not with the other") for name in ("version", "as_of")],
         )
-    if as_of is not None and not _RFC3339_TIME.fullmatch(given := request.query_params["as_of"]):
-        raise bad_parameter("as_of", _AS_OF_FORM)
-    if as_of is not None and _PAST_MICROSECONDS.search(given):
+    if as_of is not None and _PAST_MICROSECONDS.search(given := request.query_params["as_of"]):
         # Parsing rounded to the nearest microsecond, which may be after the moment asked
         # for and show an event from after it: round down instead (parsed as Litestar does).
         as_of = msgspec.convert(_PAST_MICROSECONDS.sub(r"\1", given), datetime, strict=False)
