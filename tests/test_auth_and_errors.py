@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 import jwt
+import psycopg
 import pytest
 from conftest import JWT_SECRET, assert_problem
 from litestar.testing import TestClient
@@ -489,6 +490,27 @@ def test_an_unmigrated_database_answers_503_not_500(
                 assert answer.headers["retry-after"] == "5"
             created = bare.post("/tasks", json={"title": "a"}, headers=api.auth)
             assert_problem(created, 503)
+    finally:
+        db.drop_database(server_url, url)
+
+
+def test_a_database_missing_a_later_migration_answers_503_not_500(
+    settings: Settings, server_url: str, api: Any
+) -> None:
+    """Migration 0006 rolled back under a running server (its README's warning): commands
+    call the function it drops, and meet a missing function rather than a missing table."""
+    url = db.create_database(server_url, "todo_cqrs_rolled_back")
+    try:
+        db.migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP FUNCTION notify_event_listeners(text, text)")
+        app = create_app(dataclasses.replace(settings, database_url=url, listen_database_url=url))
+        with TestClient(app=app) as bare:  # type: ignore[arg-type]
+            created = bare.post("/tasks", json={"title": "a"}, headers=api.auth)
+            problem = assert_problem(created, 503)
+            assert problem["detail"] == "The database lacks migrations; run `todo-cqrs migrate`."
+            assert created.headers["retry-after"] == "5"
+            assert bare.get("/tasks", headers=api.auth).json()["items"] == []  # nothing kept
     finally:
         db.drop_database(server_url, url)
 

@@ -1310,6 +1310,7 @@ def create_app(settings: Settings | None = None) -> ServiceEdge:
             PoolTimeout: _on_database_down,
             psycopg.errors.UndefinedTable: _on_not_migrated,
             psycopg.errors.UndefinedColumn: _on_not_migrated,
+            psycopg.errors.UndefinedFunction: _on_not_migrated,
             Exception: _on_unexpected,
         },
         lifespan=[lifespan],
