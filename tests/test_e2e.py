@@ -625,6 +625,13 @@ def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
          " got 'nan'"),
         ("TODO_PREPARED_STATEMENTS", "maybe", "TODO_PREPARED_STATEMENTS: expected on or off;"
          " got 'maybe'"),
+        # libpq's own reason; the commands used to end in a traceback
+        ("DATABASE_URL", "notaurl", "DATABASE_URL: expected a PostgreSQL URL or key=value"
+         ' string; missing "=" after "notaurl" in connection info string'),
+        ("QUERY_DATABASE_URL", "postgresql://h/db?foo=bar", "QUERY_DATABASE_URL: expected a"
+         ' PostgreSQL URL or key=value string; invalid URI query parameter: "foo"'),
+        ("LISTEN_DATABASE_URL", "host=h port", "LISTEN_DATABASE_URL: expected a PostgreSQL URL"
+         ' or key=value string; missing "=" after "port" in connection info string'),
         # RFC 7518 3.2; the message never repeats the secret
         ("TODO_JWT_SECRET", "too-short", "TODO_JWT_SECRET: expected at least 32 bytes; got 9"),
     ],

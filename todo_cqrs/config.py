@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -63,7 +66,7 @@ class Settings:
                 f" got {len(jwt_secret.encode())}"
             )
         return cls(
-            database_url=env.get("DATABASE_URL") or None,
+            database_url=_database_url("DATABASE_URL"),
             data_dir=Path(env.get("TODO_DATA_DIR", ".todo-cqrs")).absolute(),
             jwt_secret=jwt_secret,
             jwt_issuer=env.get("TODO_JWT_ISSUER") or None,
@@ -99,11 +102,11 @@ class Settings:
             jwt_jwks_file=env.get("TODO_JWT_JWKS_FILE") or None,
             jwt_jwks_min_refresh=_seconds("TODO_JWT_JWKS_MIN_REFRESH", "30"),
             jwt_jwks_max_age=_seconds("TODO_JWT_JWKS_MAX_AGE", "300"),
-            query_database_url=env.get("QUERY_DATABASE_URL") or None,
+            query_database_url=_database_url("QUERY_DATABASE_URL"),
             replica_wait=_setting(
                 "TODO_REPLICA_WAIT", "2", float, "seconds, 0 or more", _finite_at_least(0)
             ),
-            listen_database_url=env.get("LISTEN_DATABASE_URL") or None,
+            listen_database_url=_database_url("LISTEN_DATABASE_URL"),
             prepared_statements=_setting(
                 "TODO_PREPARED_STATEMENTS", "on", _switch, "on or off", _anything
             ),
@@ -174,6 +177,21 @@ def _setting(
         if valid(value):
             return value
     raise ValueError(f"{name}: expected {expected}; got {given!r}")
+
+
+def _database_url(name: str) -> str | None:
+    """The variable `name`, None when unset or empty; ValueError naming it when libpq cannot
+    read it. Caught here, it is one line at start rather than a traceback in any command, or
+    a server that starts and retries an unusable replica or listen URL for ever."""
+    given = os.environ.get(name) or None
+    if given is not None:
+        try:
+            conninfo_to_dict(given)
+        except (psycopg.ProgrammingError, UnicodeError) as error:
+            reason = str(error).strip().splitlines()[0]
+            expected = "expected a PostgreSQL URL or key=value string"
+            raise ValueError(f"{name}: {expected}; {reason}") from None
+    return given
 
 
 def _seconds(name: str, default: str) -> float:
