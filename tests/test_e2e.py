@@ -96,6 +96,12 @@ def test_walk_through_with_two_workers(
         refused = run_cli("token", user, "--ttl", ttl, env=served.env)
         assert (refused.returncode, refused.stdout) == (2, ""), refused.stderr
         assert "--ttl must be 1 second or more" in refused.stderr
+    # A USER the service would refuse as the token's sub: none printed. (A byte that is not
+    # UTF-8 reaches `token` as a lone surrogate.)
+    for bad, why in (("", "1 to 255"), ("x" * 256, "1 to 255"), ("\udcff", "valid Unicode")):
+        refused = run_cli("token", bad, env=served.env)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused.stderr
+        assert why in refused.stderr
     # A token signed with another secret does not pass: `token` signs with TODO_JWT_SECRET.
     stranger = mint(user, {**served.env, "TODO_JWT_SECRET": "another-" + "z" * 40})
 

@@ -15,7 +15,7 @@ import psycopg
 
 from todo_cqrs import auth, db, projection
 from todo_cqrs.config import Settings
-from todo_cqrs.domain import BrokenStream
+from todo_cqrs.domain import BrokenStream, text_problem
 
 
 def database_url(settings: Settings, quiet: bool = False) -> str:
@@ -81,6 +81,9 @@ def migrate(args: argparse.Namespace, settings: Settings) -> int:
 def token(args: argparse.Namespace, settings: Settings) -> int:
     if not 1 <= len(args.user) <= 255:
         print("USER must be 1 to 255 characters", file=sys.stderr)
+        return 2
+    if problem := text_problem(args.user):  # the service would refuse the token's sub
+        print(f"USER {problem}", file=sys.stderr)
         return 2
     if args.ttl < 1:
         print("--ttl must be 1 second or more (the token would be born expired)", file=sys.stderr)
