@@ -385,7 +385,8 @@ def test_sigterm_closes_open_event_streams(database_url: str, tmp_path: Path) ->
     ):
         assert stream.status_code == 200
         lines = stream.iter_lines()
-        assert next(lines) == ": heartbeat"
+        assert next(lines).startswith("id: ")  # where the stream starts, then a blank line
+        assert [next(lines), next(lines)] == ["", ": heartbeat"]
         assert registrations() == [(user,)]
         started = time.monotonic()
         assert server.terminate(timeout=15) == 0

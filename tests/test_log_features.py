@@ -730,8 +730,19 @@ class SSE:
         assert response.headers["content-type"].startswith("text/event-stream")
         self.lines = response.iter_lines()
         self.deadline = time.monotonic() + seconds
+        self.last_id: str | None = None  # an EventSource's "last event ID"
 
     def next(self) -> Message:
+        """The next message that is an event or a comment. A message of only an id is none
+        (the SSE spec dispatches no event for it): it sets `last_id`, as every id does."""
+        while True:
+            message = self._next()
+            if message.id is not None:
+                self.last_id = message.id
+            if message.data is not None or message.comments or message.other:
+                return message
+
+    def _next(self) -> Message:
         message = Message()
         data: list[str] = []
         for line in self.lines:
@@ -826,7 +837,17 @@ def test_stream_delivers_events_as_they_commit(server: str) -> None:
             assert _events_of(SSE(response, 10).events_until_heartbeat()) == feed[1:]
         # With neither, the stream starts at the newest event: the past is not replayed.
         with _stream(http) as response:
-            assert SSE(response, 10).next().heartbeat
+            sse = SSE(response, 10)
+            assert sse.next().heartbeat
+            # Its first message says where (an id, no event), so that a client that leaves
+            # before any event comes back with it as Last-Event-ID...
+            assert sse.last_id == str(positions[-1])
+        with _client(server, user) as writer:
+            writer.post("/tasks", json={"title": "while away"})
+        # ...and gets what was committed meanwhile.
+        with _stream(http, headers={"Last-Event-ID": str(positions[-1])}) as response:
+            missed = _events_of(SSE(response, 10).events_until_heartbeat())
+        assert [e["data"]["title"] for e in missed] == ["while away"]
 
 
 def _feed_of(http: httpx.Client) -> list[dict[str, Any]]:

@@ -1124,7 +1124,8 @@ async def stream_events(
 
     Read from the primary, where the NOTIFY that wakes the stream comes from. Starts
     after `Last-Event-ID` (a reconnecting EventSource sends it), else after `after`, else
-    at the newest event; a comment line at least every heartbeat keeps proxies open.
+    at the newest event, and says where with a first message of only `id:`; a comment line
+    at least every heartbeat keeps proxies open.
     """
     pool: AsyncConnectionPool = request.app.state.pool
     signal: NewEventSignal = request.app.state.signal
@@ -1149,6 +1150,10 @@ async def stream_events(
         failing = False
         try:
             await signal.register(pool, user)  # before the first read (its docstring says why)
+            # Where the stream starts, as the id of a message without data (which dispatches
+            # no event): a client that leaves before any event comes sends it back as
+            # Last-Event-ID, and gets what was committed meanwhile.
+            yield ServerSentEventMessage(data=None, id=str(position))
             while True:
                 flag.clear()
                 try:
