@@ -590,11 +590,16 @@ def test_migrations_roll_back_and_apply_again(new_database: Callable[[], str]) -
     )
 
 
-def test_rebuild_refuses_an_unmigrated_database_and_check_with_user(
+def test_rebuild_and_generate_refuse_an_unmigrated_database_and_check_with_user(
     new_database: Callable[[], str],
 ) -> None:
     env = service_env(DATABASE_URL=new_database())
-    for args in (["rebuild"], ["rebuild", "--check"], ["rebuild", "--user", "alice"]):
+    for args in (
+        ["rebuild"],
+        ["rebuild", "--check"],
+        ["rebuild", "--user", "alice"],
+        ["generate", "--users", "1", "--tasks", "1", "--events", "1"],
+    ):
         result = run_cli(*args, "--quiet", env=env)
         assert result.returncode == 2, result.stderr
         assert result.stderr.endswith(
@@ -652,6 +657,24 @@ def test_a_bad_setting_is_named_without_a_traceback(
         result = run_cli(*command, env=env)
         assert (result.returncode, result.stdout) == (2, "")
         assert result.stderr == f"todo-cqrs: bad configuration: {message}\n"
+
+
+def test_bad_arguments_and_folders_are_refused_in_one_line(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Each used to end in a traceback: a user id that no user can have (bytes that are not
+    UTF-8 reach the command as lone surrogates), and a metrics folder that does not exist."""
+    env = service_env(DATABASE_URL=database_url, TODO_DATA_DIR=str(tmp_path / "data"))
+    result = run_cli("rebuild", "--user", "\udcff", "--quiet", env=env)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "todo-cqrs rebuild: --user must be valid Unicode (no lone surrogates)\n"
+    missing = str(tmp_path / "missing")
+    result = run_cli("serve", env={**env, "PROMETHEUS_MULTIPROC_DIR": missing})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "todo-cqrs: bad configuration: PROMETHEUS_MULTIPROC_DIR: expected an existing folder;"
+        f" got {missing!r}\n"
+    )
 
 
 def test_commands_say_in_one_line_that_the_database_is_not_reachable(tmp_path: Path) -> None:

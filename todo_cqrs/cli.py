@@ -32,6 +32,11 @@ def database_url(settings: Settings, quiet: bool = False) -> str:
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given is not None and not os.path.isdir(given):  # http's metrics would fail on import
+        expected = "PROMETHEUS_MULTIPROC_DIR: expected an existing folder"
+        print(f"todo-cqrs: bad configuration: {expected}; got {given!r}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from todo_cqrs.http import BoundedHeadProtocol, configure_logging
@@ -170,6 +175,9 @@ def rebuild(args: argparse.Namespace, settings: Settings) -> int:
     if args.check and args.user is not None:
         print(f"todo-cqrs {label}: --check compares every user; drop --user", file=sys.stderr)
         return 2
+    if args.user is not None and (problem := text_problem(args.user)):
+        print(f"todo-cqrs {label}: --user {problem}", file=sys.stderr)  # no such user id
+        return 2
     url = database_url(settings, args.quiet)
     try:
         asyncio.run(_require_migrated(url))
@@ -225,6 +233,11 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"todo-cqrs generate: {message}", file=sys.stderr)
         return 2
     url = database_url(settings, args.quiet)
+    try:
+        asyncio.run(_require_migrated(url))
+    except NotMigrated as error:
+        print(f"todo-cqrs generate: {error}", file=sys.stderr)
+        return 2
     progress = Progress("generate", args.events, args.quiet)
     last = 0
 
