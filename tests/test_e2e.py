@@ -663,7 +663,8 @@ def test_bad_arguments_and_folders_are_refused_in_one_line(
     database_url: str, tmp_path: Path
 ) -> None:
     """Each used to end in a traceback: a user id that no user can have (bytes that are not
-    UTF-8 reach the command as lone surrogates), and a metrics folder that does not exist."""
+    UTF-8 reach the command as lone surrogates), a metrics folder that does not exist, and a
+    data folder that cannot hold the development secret."""
     env = service_env(DATABASE_URL=database_url, TODO_DATA_DIR=str(tmp_path / "data"))
     result = run_cli("rebuild", "--user", "\udcff", "--quiet", env=env)
     assert (result.returncode, result.stdout) == (2, "")
@@ -675,6 +676,15 @@ def test_bad_arguments_and_folders_are_refused_in_one_line(
         "todo-cqrs: bad configuration: PROMETHEUS_MULTIPROC_DIR: expected an existing folder;"
         f" got {missing!r}\n"
     )
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for command in (["token", "alice"], ["serve"]):
+        result = run_cli(*command, env={**env, "TODO_DATA_DIR": str(a_file)})
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (
+            "todo-cqrs: bad configuration: TODO_DATA_DIR: cannot keep the development JWT"
+            f" secret in {a_file / 'jwt-secret'}: File exists\n"  # mkdir's reason
+        )
 
 
 def test_commands_say_in_one_line_that_the_database_is_not_reachable(tmp_path: Path) -> None:

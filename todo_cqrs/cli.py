@@ -93,7 +93,11 @@ def token(args: argparse.Namespace, settings: Settings) -> int:
     if args.ttl < 1:
         print("--ttl must be 1 second or more (the token would be born expired)", file=sys.stderr)
         return 2
-    secret = settings.hs256_secret()
+    try:
+        secret = settings.hs256_secret()
+    except ValueError as error:  # the data folder cannot hold the development secret
+        print(f"todo-cqrs: bad configuration: {error}", file=sys.stderr)
+        return 2
     if secret is None:
         print(
             "HS256 tokens are not accepted: public keys are configured and TODO_JWT_SECRET is"

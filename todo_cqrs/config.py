@@ -136,19 +136,25 @@ class Settings:
         if self.jwt_secret:
             return self.jwt_secret
         path = self.data_dir / "jwt-secret"
-        if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            fresh = path.with_suffix(f".{os.getpid()}.tmp")
-            fresh.write_text(secrets.token_hex(32))
-            fresh.chmod(0o600)
-            try:
-                # Link, not rename: of two processes starting at once, the first one wins.
-                os.link(fresh, path)
-            except FileExistsError:
-                pass
-            finally:
-                fresh.unlink()
-        return path.read_text().strip()
+        try:
+            if not path.exists():
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                fresh = path.with_suffix(f".{os.getpid()}.tmp")
+                fresh.write_text(secrets.token_hex(32))
+                fresh.chmod(0o600)
+                try:
+                    # Link, not rename: of two processes starting at once, the first one wins.
+                    os.link(fresh, path)
+                except FileExistsError:
+                    pass
+                finally:
+                    fresh.unlink()
+            return path.read_text().strip()
+        except OSError as error:  # a setting that does not work: say which
+            reason = error.strerror or str(error)
+            raise ValueError(
+                f"TODO_DATA_DIR: cannot keep the development JWT secret in {path}: {reason}"
+            ) from None
 
 
 MIN_SECRET_BYTES = 32
