@@ -146,18 +146,19 @@ class Progress:
         return time.monotonic() - self.started
 
 
-class NotMigrated(Exception):
-    """The database lacks migrations that the command needs."""
+def _unmigrated(url: str, command: str) -> bool:
+    """Whether the database lacks migrations, which rebuild and generate would meet as a
+    missing table or column; if so, says what to do instead, in one line."""
 
+    async def pending() -> list[str]:
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            return await db.pending_migrations(conn)
 
-async def _require_migrated(url: str) -> None:
-    """A rebuild on a database that lacks migrations would fail on a missing table or
-    column; say what to do instead."""
-    async with await psycopg.AsyncConnection.connect(url) as conn:
-        if pending := await db.pending_migrations(conn):
-            raise NotMigrated(
-                f"the database lacks migrations {', '.join(pending)}; run `todo-cqrs migrate`"
-            )
+    if missing := asyncio.run(pending()):
+        lacks = f"the database lacks migrations {', '.join(missing)}"
+        print(f"todo-cqrs {command}: {lacks}; run `todo-cqrs migrate`", file=sys.stderr)
+        return True
+    return False
 
 
 async def _event_count(url: str, user: str | None) -> int | None:
@@ -183,10 +184,7 @@ def rebuild(args: argparse.Namespace, settings: Settings) -> int:
         print(f"todo-cqrs {label}: --user {problem}", file=sys.stderr)  # no such user id
         return 2
     url = database_url(settings, args.quiet)
-    try:
-        asyncio.run(_require_migrated(url))
-    except NotMigrated as error:
-        print(f"todo-cqrs {label}: {error}", file=sys.stderr)
+    if _unmigrated(url, label):
         return 2
     progress = Progress(label, asyncio.run(_event_count(url, args.user)), args.quiet)
     try:
@@ -237,10 +235,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"todo-cqrs generate: {message}", file=sys.stderr)
         return 2
     url = database_url(settings, args.quiet)
-    try:
-        asyncio.run(_require_migrated(url))
-    except NotMigrated as error:
-        print(f"todo-cqrs generate: {error}", file=sys.stderr)
+    if _unmigrated(url, "generate"):
         return 2
     progress = Progress("generate", args.events, args.quiet)
     last = 0
